@@ -1,0 +1,1 @@
+"""One adapter per upstream tool. Each subclasses or wraps; none copies upstream code."""

@@ -1,0 +1,362 @@
+"""Matryoshka training inside EleutherAI sparsify (PyPI ``eai-sparsify``).
+
+- ``MatryoshkaSparseCoderConfig``: sparsify's coder config plus the Matryoshka fields.
+- ``MatryoshkaSparseCoder``: a ``SparseCoder`` whose training forward returns the
+  nested loss in ``fvu``, the one field of the output the trainer optimises.
+- ``MatryoshkaTrainer``: sparsify's ``Trainer`` building Matryoshka coders when
+  ``sae.matryoshka`` is true, and saving/restoring their sampler and threshold state.
+- ``load_coder``: loads any sparsify or plugin checkpoint with its Matryoshka metadata.
+
+Checkpoints keep sparsify's layout. With the shared decoder they hold exactly
+sparsify's tensors, so stock ``SparseCoder.load_from_disk`` loads them.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import patch
+
+import sparsify.trainer
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model
+from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
+from sparsify.fused_encoder import EncoderOutput
+from torch import Tensor, nn
+
+from ..core import (
+    MatryoshkaConfig,
+    MatryoshkaConfigError,
+    PrefixSampler,
+    cumulative_reconstructions,
+    level_decodes,
+    nested_fvu,
+    prefix_decodes,
+    truncate_sparse,
+)
+from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
+
+MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
+THRESHOLD_KEY = "batch_topk_threshold"
+
+
+@dataclass
+class MatryoshkaSparseCoderConfig(MatryoshkaConfig, SparseCoderConfig):
+    """sparsify's ``SparseCoderConfig`` with the Matryoshka options added."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nested_decoders and self.stop_gradient:
+            raise MatryoshkaConfigError(
+                "stop_gradient=True needs the shared decoder; with nested_decoders=True "
+                "each level already has its own decoder"
+            )
+
+
+@dataclass
+class MatryoshkaTrainConfig(TrainConfig):
+    """sparsify's ``TrainConfig`` whose ``sae`` section accepts the Matryoshka options."""
+
+    sae: MatryoshkaSparseCoderConfig = field(default_factory=MatryoshkaSparseCoderConfig)
+
+
+def _group_size_check(cfg: SparseCoderConfig, sizes: list[int], width: int) -> None:
+    # groupmax picks one latent per group of width/k; a prefix that cuts a group
+    # would keep a different number of latents per token, so it is not a prefix model.
+    if cfg.activation != "groupmax":
+        return
+    group = width // cfg.k
+    if any(s % group for s in sizes):
+        raise MatryoshkaConfigError(
+            f"nested sizes {sizes} must be multiples of the groupmax group size "
+            f"{group} (num_latents={width} / k={cfg.k})"
+        )
+
+
+class MatryoshkaSparseCoder(SparseCoder):
+    """A sparsify ``SparseCoder`` trained with the Matryoshka nested loss.
+
+    Outside training (``.eval()``) it is the plain coder: only the full decoder is used.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        cfg: MatryoshkaSparseCoderConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoder: bool = True,
+    ):
+        super().__init__(d_in, cfg, device, dtype, decoder=decoder)
+        self.sampler = PrefixSampler(cfg, self.num_latents, cfg.k)
+        _group_size_check(cfg, self.sampler.fixed_sizes, self.num_latents)
+        # A prefix-specific decoder per level below the full width; each level's bias
+        # is the shared b_dec plus its own offset, so sparsify's b_dec initialisation
+        # reaches every level.
+        inner = self.sampler.fixed_sizes[:-1] if cfg.nested_decoders and decoder else []
+        self.W_dec_levels = nn.ParameterList(
+            nn.Parameter(self.W_dec.data[:s].clone()) for s in inner
+        )
+        self.b_dec_levels = nn.ParameterList(
+            nn.Parameter(torch.zeros_like(self.b_dec)) for _ in inner
+        )
+        # Non-persistent: sae.safetensors keeps sparsify's tensors; cfg.json carries it.
+        self.register_buffer(
+            "batch_topk_threshold",
+            torch.tensor(-1.0, device=device, dtype=dtype),
+            persistent=False,
+        )
+        self._pending_sizes: list[int] | None = None
+        self._level_recons: Tensor | None = None
+        self.last_level_fvu: Tensor | None = None
+        self.last_sizes: list[int] | None = None
+
+    @property
+    def nested_sizes(self) -> list[int]:
+        """The fixed prefix lengths, ending at the width."""
+        return list(self.sampler.fixed_sizes)
+
+    def step_sizes(self) -> list[int]:
+        """This step's prefix lengths, with the bias level (size 0) first if enabled."""
+        sizes = self.sampler()
+        return [0, *sizes] if self.cfg.bias_level else sizes
+
+    # -- encoder: BatchTopK --------------------------------------------------
+    def encode(self, x: Tensor) -> EncoderOutput:
+        if not self.cfg.batch_topk:
+            return super().encode(x)
+        if not self.cfg.transcode:
+            x = x - self.b_dec
+        pre_acts = encode_pre_acts(x, self.encoder.weight, self.encoder.bias)
+        if not self.training:
+            threshold = self.batch_topk_threshold.clamp_min(0)
+            return EncoderOutput(*threshold_select(pre_acts, threshold), pre_acts)
+        values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
+        with torch.no_grad():
+            m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold
+            t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
+        return EncoderOutput(values, indices, pre_acts)
+
+    # -- decoder: every prefix from one sparse decode ------------------------
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        sizes = self._pending_sizes
+        if sizes is None:
+            return super().decode(top_acts, top_indices)
+        # One-shot: the multi-TopK decode that sparsify may run next is a plain one.
+        self._pending_sizes = None
+        if self.cfg.nested_decoders:
+            recons = self._prefix_decoder_recons(top_acts, top_indices, sizes)
+        else:
+            levels = level_decodes(top_acts, top_indices, self.W_dec, sizes)
+            recons = cumulative_reconstructions(
+                levels, stop_gradient=self.cfg.stop_gradient
+            )
+            recons = recons + self.b_dec
+        self._level_recons = recons
+        # sparsify adds the skip term to the returned tensor in place: hand it a copy.
+        return recons[:, -1].clone()
+
+    def _prefix_decoder_recons(
+        self, top_acts: Tensor, top_indices: Tensor, sizes: list[int]
+    ) -> Tensor:
+        inner = iter(zip(self.W_dec_levels, self.b_dec_levels))
+        W_decs, biases = [], []
+        for s in sizes:
+            if 0 < s < self.num_latents:
+                W, b_offset = next(inner)
+                W_decs.append(W)
+                biases.append(self.b_dec + b_offset)
+            else:
+                W_decs.append(self.W_dec[:s])
+                biases.append(self.b_dec)
+        recons = prefix_decodes(top_acts, top_indices, W_decs, sizes)
+        return recons + torch.stack(biases)
+
+    # sparsify's forward is wrapped in this autocast; a subclass forward is not.
+    @torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        dead_mask: Tensor | None = None,
+        total_variance: Tensor | None = None,
+    ):
+        sizes = self.step_sizes() if self.training and self.cfg.matryoshka else None
+        if sizes is None or (sizes == [self.num_latents] and not self.cfg.bias_level):
+            return super().forward(
+                x, y, dead_mask=dead_mask, total_variance=total_variance
+            )
+        self._pending_sizes = sizes
+        try:
+            out = super().forward(
+                x, y, dead_mask=dead_mask, total_variance=total_variance
+            )
+            recons = self._level_recons
+        finally:
+            self._pending_sizes = self._level_recons = None
+        if y is None:
+            y = x
+        if self.W_skip is not None:
+            recons = recons + (x.to(self.dtype) @ self.W_skip.mT)[:, None, :]
+        if total_variance is None:
+            total_variance = (y - y.mean(0)).pow(2).sum()
+        weights = self.cfg.normalised_level_weights(len(sizes))
+        loss, level_fvu = nested_fvu(recons, y, total_variance, weights)
+        self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
+        return out._replace(fvu=loss)
+
+    # -- evaluation ------------------------------------------------------------
+    @torch.no_grad()
+    def prefix_fvu(self, x: Tensor, y: Tensor | None = None, prefix_lens=None) -> dict:
+        """FVU of the full coder truncated to each prefix length (default: nested sizes)."""
+        return prefix_fvu(self, x, y, prefix_lens or self.nested_sizes)
+
+    # -- decoder normalisation, extended to the prefix-specific decoders ---------
+    # sparsify's methods only touch ``self.W_dec``; run them on each extra decoder.
+    def _extra_decoders(self) -> list[nn.Parameter]:
+        # sparsify's __init__ normalises the decoder before the levels exist.
+        return list(getattr(self, "W_dec_levels", ()))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        super().set_decoder_norm_to_unit_norm()
+        for W in self._extra_decoders():
+            SparseCoder.set_decoder_norm_to_unit_norm(SimpleNamespace(W_dec=W))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        super().remove_gradient_parallel_to_decoder_directions()
+        for W in self._extra_decoders():
+            if W.grad is not None:
+                SparseCoder.remove_gradient_parallel_to_decoder_directions(
+                    SimpleNamespace(W_dec=W)
+                )
+
+    # -- state beyond the weights ------------------------------------------------
+    def matryoshka_state(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            THRESHOLD_KEY: self.batch_topk_threshold.detach().cpu(),
+        }
+
+    def load_matryoshka_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.batch_topk_threshold.copy_(state[THRESHOLD_KEY])
+
+    def save_to_disk(self, path: Path | str):
+        super().save_to_disk(path)
+        if self.cfg.batch_topk:
+            cfg_path = Path(path) / "cfg.json"
+            cfg_dict = json.loads(cfg_path.read_text())
+            cfg_dict[THRESHOLD_KEY] = float(self.batch_topk_threshold)
+            cfg_path.write_text(json.dumps(cfg_dict))
+
+
+@torch.no_grad()
+def prefix_fvu(
+    coder: SparseCoder, x: Tensor, y: Tensor | None, prefix_lens
+) -> dict[int, float]:
+    """FVU at each prefix length: TopK over the full width, then latents >= P zeroed."""
+    y = x if y is None else y
+    top_acts, top_indices, _ = coder.encode(x)
+    skip = x.to(coder.dtype) @ coder.W_skip.mT if coder.W_skip is not None else 0
+    total_variance = (y - y.mean(0)).pow(2).sum()
+    result = {}
+    for p in prefix_lens:
+        acts, idx = truncate_sparse(top_acts, top_indices, p)
+        recon = coder.decode(acts, idx) + skip
+        result[int(p)] = float((y - recon).pow(2).sum() / total_variance)
+    return result
+
+
+@contextmanager
+def building_coders(coder_cls: type[SparseCoder]):
+    """Make sparsify's ``Trainer.__init__`` build ``coder_cls`` (it hard-codes the class)."""
+    with patch.object(sparsify.trainer, "SparseCoder", coder_cls):
+        yield
+
+
+class MatryoshkaTrainer(Trainer):
+    """sparsify's ``Trainer``; builds Matryoshka coders when ``cfg.sae.matryoshka``."""
+
+    def __init__(self, cfg: TrainConfig, dataset, model):
+        matryoshka = getattr(cfg.sae, "matryoshka", False)
+        coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
+        with building_coders(coder_cls):
+            super().__init__(cfg, dataset, model)
+
+    def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
+        saes = self.saes if saes is None else saes
+        return {n: s for n, s in saes.items() if isinstance(s, MatryoshkaSparseCoder)}
+
+    def _checkpoint(self, saes, path: str, rank_zero: bool):
+        super()._checkpoint(saes, path, rank_zero)
+        if coders := self._matryoshka_coders(saes):
+            torch.save(
+                {n: c.matryoshka_state() for n, c in coders.items()},
+                f"{path}/{MATRYOSHKA_STATE_FILE}",
+            )
+
+    def load_state(self, path: str):
+        super().load_state(path)
+        state_file = Path(path) / MATRYOSHKA_STATE_FILE
+        if (coders := self._matryoshka_coders()) and state_file.exists():
+            state = torch.load(state_file, weights_only=False)
+            for name, coder in coders.items():
+                coder.load_matryoshka_state(state[name])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, truncated or inconsistent."""
+
+
+def read_coder_config(path: Path | str) -> tuple[dict, int]:
+    """The ``cfg.json`` of a coder directory as a dict, and its ``d_in``."""
+    cfg_path = Path(path) / "cfg.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} not found; a coder directory holds cfg.json and sae.safetensors")
+    try:
+        cfg_dict = json.loads(cfg_path.read_text())
+        d_in = int(cfg_dict.pop("d_in"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid sparsify cfg.json ({e})") from None
+    return cfg_dict, d_in
+
+
+def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCoder:
+    """Load a sparsify or plugin coder directory, keeping its Matryoshka metadata.
+
+    Plain checkpoints come back as stock ``SparseCoder``; Matryoshka ones as
+    ``MatryoshkaSparseCoder`` in eval mode.
+    """
+    path = Path(path)
+    cfg_dict, d_in = read_coder_config(path)
+    threshold = cfg_dict.pop(THRESHOLD_KEY, None)
+    matryoshka = bool(cfg_dict.get("matryoshka", False))
+    cfg_cls = MatryoshkaSparseCoderConfig if matryoshka else SparseCoderConfig
+    cfg = cfg_cls.from_dict(cfg_dict, drop_extra_fields=True)
+    weights = path / "sae.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
+    coder = coder_cls(d_in, cfg, device=device)
+    try:
+        load_model(coder, str(weights), device=str(device), strict=True)
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None
+    except RuntimeError as e:
+        hint = (
+            " (it holds Matryoshka tensors: load it with matryoshka_plugin.load_coder, "
+            "whose cfg.json must keep matryoshka: true)"
+            if "_levels" in str(e)
+            else ""
+        )
+        msg = str(e).replace("\n", " ").replace("\t", "")
+        raise CheckpointError(f"{weights} does not match {path / 'cfg.json'}{hint}: {msg}") from None
+    if threshold is not None and isinstance(coder, MatryoshkaSparseCoder):
+        coder.batch_topk_threshold.fill_(float(threshold))
+    return coder.eval()

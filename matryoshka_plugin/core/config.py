@@ -1,0 +1,177 @@
+"""The Matryoshka options, as a plain dataclass that any upstream config can mix in.
+
+Width-independent checks run in ``__post_init__`` (so a config fails when it is
+loaded); checks that need the dictionary width run in ``resolve_nested_sizes``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+PrefixScheduleName = Literal["fixed", "pareto", "uniform"]
+PREFIX_SCHEDULES: tuple[str, ...] = ("fixed", "pareto", "uniform")
+
+# Bussmann et al. (2025): groups of 1/16, 1/16, 1/8, 1/4 and 1/2 of the width.
+BUSSMANN_GROUP_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+class MatryoshkaConfigError(ValueError):
+    """A Matryoshka option has a value that is not allowed; the message says which."""
+
+
+@dataclass
+class MatryoshkaConfig:
+    matryoshka: bool = False
+    """Train with Matryoshka nested prefix losses; False trains exactly as plain sparsify."""
+
+    nested_sizes: list[int] = field(default_factory=list)
+    """Explicit prefix lengths, strictly increasing and below the width (the full width is implied)."""
+
+    group_fractions: list[float] = field(default_factory=list)
+    """Group widths as fractions of the width summing to 1, used when nested_sizes is empty; empty means Bussmann's 1/16,1/16,1/8,1/4,1/2."""
+
+    prefix_schedule: PrefixScheduleName = "fixed"
+    """How each step's prefixes are chosen: fixed nested sizes, or pareto/uniform samples drawn every step."""
+
+    num_prefixes: int = 10
+    """Prefix lengths drawn per step by a sampled schedule, before duplicates are dropped."""
+
+    min_prefix: int = 1
+    """Smallest prefix length a sampled schedule may draw."""
+
+    pareto_shape: float = 0.5
+    """Shape (alpha) of the truncated-Pareto prefix distribution; smaller puts more mass on short prefixes."""
+
+    prefix_seed: int = 0
+    """Seed of the prefix sampler's own random generator."""
+
+    level_weights: list[float] = field(default_factory=list)
+    """Loss weight of each level (the bias level first, if any); empty means equal; normalised to sum to 1."""
+
+    stop_gradient: bool = False
+    """Detach the previous level's reconstruction in each level's loss (the "delta" loss)."""
+
+    bias_level: bool = False
+    """Add a level with no latents that reconstructs from the decoder bias alone, as Bussmann et al. count it."""
+
+    nested_decoders: bool = False
+    """Give each prefix level its own decoder and bias (seed 000, section 4.3); inference uses only the full decoder."""
+
+    batch_topk: bool = False
+    """Keep the k x batch largest activations over the whole batch (BatchTopK) instead of k per token."""
+
+    batch_topk_momentum: float = 0.99
+    """EMA momentum of the BatchTopK inference threshold."""
+
+    def __post_init__(self):
+        self.validate_matryoshka()
+
+    def validate_matryoshka(self) -> None:
+        """Check every option that does not depend on the dictionary width."""
+        bad = MatryoshkaConfigError
+        if self.prefix_schedule not in PREFIX_SCHEDULES:
+            raise bad(
+                f"prefix_schedule={self.prefix_schedule!r} is unknown; "
+                f"allowed: {', '.join(PREFIX_SCHEDULES)}"
+            )
+        sizes = list(self.nested_sizes)
+        if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sizes):
+            raise bad(f"nested_sizes={sizes} must be positive integers")
+        if any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise bad(f"nested_sizes={sizes} must be strictly increasing")
+        if sizes and self.group_fractions:
+            raise bad(
+                f"nested_sizes={sizes} and group_fractions={self.group_fractions} "
+                "contradict each other; give one of them"
+            )
+        fracs = list(self.group_fractions)
+        if any(f <= 0 for f in fracs) or (fracs and abs(sum(fracs) - 1) > 1e-6):
+            raise bad(
+                f"group_fractions={fracs} must be positive and sum to 1 "
+                "(each is one group's share of the width)"
+            )
+        sampled = self.prefix_schedule != "fixed"
+        if sampled and (sizes or fracs):
+            raise bad(
+                f"nested_sizes/group_fractions apply to prefix_schedule='fixed', "
+                f"not {self.prefix_schedule!r}, whose prefixes are drawn every step"
+            )
+        if self.num_prefixes < 1:
+            raise bad(f"num_prefixes={self.num_prefixes} must be at least 1")
+        if self.min_prefix < 1:
+            raise bad(f"min_prefix={self.min_prefix} must be at least 1")
+        if not self.pareto_shape > 0:
+            raise bad(f"pareto_shape={self.pareto_shape} must be > 0")
+        if any(w < 0 for w in self.level_weights) or (
+            self.level_weights and sum(self.level_weights) <= 0
+        ):
+            raise bad(
+                f"level_weights={self.level_weights} must be non-negative "
+                "with a positive sum"
+            )
+        if sampled and self.level_weights:
+            raise bad(
+                f"level_weights={self.level_weights} need prefix_schedule='fixed'; "
+                f"{self.prefix_schedule!r} draws a different number of levels each step"
+            )
+        if sampled and self.nested_decoders:
+            raise bad(
+                f"nested_decoders=True needs prefix_schedule='fixed'; "
+                f"{self.prefix_schedule!r} draws new prefix lengths every step"
+            )
+        if not 0 <= self.batch_topk_momentum < 1:
+            raise bad(
+                f"batch_topk_momentum={self.batch_topk_momentum} must be in [0, 1)"
+            )
+
+    def resolve_nested_sizes(self, num_latents: int, k: int) -> list[int]:
+        """The fixed prefix lengths for a dictionary of ``num_latents``, ending at the width.
+
+        For sampled schedules this is the full width alone; the sampler adds the rest.
+        """
+        bad = MatryoshkaConfigError
+        if k > num_latents:
+            raise bad(f"k={k} exceeds the width num_latents={num_latents}")
+        if self.prefix_schedule != "fixed":
+            if self.min_prefix >= num_latents:
+                raise bad(
+                    f"min_prefix={self.min_prefix} must be below the width "
+                    f"num_latents={num_latents}"
+                )
+            return [num_latents]
+        if self.nested_sizes:
+            sizes = list(self.nested_sizes)
+            if sizes[-1] == num_latents:
+                sizes.pop()
+            if sizes and sizes[-1] > num_latents:
+                raise bad(
+                    f"nested_sizes={list(self.nested_sizes)} exceed the width "
+                    f"num_latents={num_latents}"
+                )
+            sizes.append(num_latents)
+        else:
+            fracs = self.group_fractions or BUSSMANN_GROUP_FRACTIONS
+            sizes, total = [], 0.0
+            for f in fracs:
+                total += f
+                sizes.append(round(total * num_latents))
+            sizes[-1] = num_latents
+            if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise bad(
+                    f"group_fractions={list(fracs)} give empty groups at width "
+                    f"num_latents={num_latents} (sizes {sizes}); use a wider "
+                    "dictionary or fewer groups"
+                )
+        n_levels = len(sizes) + int(self.bias_level)
+        if self.level_weights and len(self.level_weights) != n_levels:
+            raise bad(
+                f"level_weights has {len(self.level_weights)} entries but there are "
+                f"{n_levels} levels (nested sizes {sizes}"
+                f"{' plus the bias level' if self.bias_level else ''})"
+            )
+        return sizes
+
+    def normalised_level_weights(self, n_levels: int) -> list[float]:
+        """Per-level loss weights summing to 1 (equal unless ``level_weights`` is set)."""
+        weights = list(self.level_weights) or [1.0] * n_levels
+        total = sum(weights)
+        return [w / total for w in weights]
