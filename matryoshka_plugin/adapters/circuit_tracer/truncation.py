@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -184,7 +184,7 @@ def reusing_setup_forward(model) -> Iterator[None]:
 
 
 class PrefixGraph(NamedTuple):
-    prefix_len: int
+    prefix_len: int | None
     graph: Graph
     seconds: float
     replacement: float
@@ -192,18 +192,20 @@ class PrefixGraph(NamedTuple):
 
 
 def attribute_prefixes(
-    prompt, model, prefix_lens: Sequence[int], **kwargs
+    prompt, model, prefix_lens: Sequence[int | None], **kwargs
 ) -> list[PrefixGraph]:
-    """One graph per prefix length for the same prompt, with circuit-tracer's scores.
+    """One graph per prefix length (None: full width) for the same prompt, with scores.
 
-    All prefix lengths are checked before any work; the setup forward is shared.
+    All prefix lengths are checked before any work; the setup forward is shared
+    (TransformerLens backend).
     """
     width = transcoder_width(model.transcoders)
-    prefix_lens = [check_prefix_len(p, width) for p in prefix_lens]
+    prefix_lens = [p if p is None else check_prefix_len(p, width) for p in prefix_lens]
     if len(set(prefix_lens)) != len(prefix_lens):
         raise ValueError(f"prefix lengths {prefix_lens} repeat a value; give each once")
     results = []
-    with reusing_setup_forward(model):
+    reuse = reusing_setup_forward(model) if hasattr(model, "run_with_hooks") else nullcontext()
+    with reuse:
         for p in prefix_lens:
             start = time.perf_counter()
             graph = attribute(prompt, model, prefix_len=p, **kwargs)
