@@ -15,9 +15,6 @@ Layer slots ``0..L-1`` are positions in ``layers`` (the model's layer numbers).
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +88,8 @@ def require_pypi_sparsify() -> None:
 require_pypi_sparsify()
 
 from sparsify.fused_encoder import EncoderOutput, fused_encoder  # noqa: E402
+
+from .circuit_tracer.export import atomic_output_dir  # noqa: E402
 
 
 @dataclass
@@ -211,6 +210,8 @@ class MatryoshkaCLT(nn.Module):
         self.register_buffer(
             "batch_topk_threshold", torch.full((L,), -1.0, device=device, dtype=dtype)
         )
+        self.source: dict = {}
+        """Where the CLT came from (model, n_model_layers, hookpoints); saved with it."""
 
     # -- shapes and checks ---------------------------------------------------
     @property
@@ -417,6 +418,7 @@ class MatryoshkaCLT(nn.Module):
             "layers": self.layers,
             "nested_sizes_by_layer": {str(i): self.nested_sizes for i in self.layers},
             "clt": self.cfg.to_dict(),
+            "source": self.source,
         }
 
 
@@ -436,27 +438,6 @@ def shared_nested_sizes(by_layer: dict) -> list[int]:
     return list(next(iter(distinct))) if distinct else []
 
 
-def atomic_dir(dest: Path):
-    """A temporary sibling of ``dest``; ``commit(tmp)`` renames it over ``dest``."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-
-
-def commit_dir(tmp: Path, dest: Path) -> None:
-    """Replace ``dest`` by ``tmp``; an old ``dest`` is moved aside first, then removed."""
-    dest = Path(dest)
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_clt(clt: MatryoshkaCLT, path: str | Path, extra_files: dict | None = None) -> Path:
     """Write ``config.json`` + ``clt.safetensors`` to ``path`` atomically (temp dir, then rename).
 
@@ -465,16 +446,11 @@ def save_clt(clt: MatryoshkaCLT, path: str | Path, extra_files: dict | None = No
     from safetensors.torch import save_model
 
     path = Path(path)
-    tmp = atomic_dir(path)
-    try:
+    with atomic_output_dir(path, overwrite=True) as tmp:
         save_model(clt, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(clt.config_dict(), indent=1))
         for name, write in (extra_files or {}).items():
             write(tmp / name)
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -511,6 +487,7 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> Matryoshka
                 f"config's {clt_sizes}"
             )
     clt = MatryoshkaCLT(int(d["d_model"]), list(d["layers"]), cfg, device=device)
+    clt.source = dict(d.get("source") or {})
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CLTError(f"{weights} not found")

@@ -1,0 +1,306 @@
+"""CLT training path 1 end to end on a tiny random Llama: cache -> train -> export -> graph.
+
+Also: export round trips against circuit-tracer's own CrossLayerTranscoder, resume,
+and one-line errors for bad input.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt as ct_load_clt
+from safetensors.torch import load_file, save_file
+
+from matryoshka_plugin.adapters.circuit_tracer.export import ExportError
+from matryoshka_plugin.adapters.circuit_tracer.truncation import (
+    load_transcoders_dir,
+    set_prefix_len,
+)
+from matryoshka_plugin.adapters.clt import (
+    CLTConfig,
+    CLTError,
+    MatryoshkaCLT,
+    detect_clt_training,
+    load_clt,
+    save_clt,
+    shared_nested_sizes,
+)
+from matryoshka_plugin.clt import (
+    ActivationCache,
+    CLTTrainConfig,
+    cache_activations,
+    export_clt,
+    main,
+    train_clt,
+)
+
+VOCAB = 96
+N_MODEL_LAYERS = 3
+D = 32
+
+
+def _tiny_llama(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=N_MODEL_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+    return model
+
+
+def _random_batches(seed=0, batch=8, seq=24):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(4, VOCAB, (batch, seq), generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clt")
+    model = _tiny_llama(root / "model")
+    cache = cache_activations(
+        model, _random_batches(), [0, 1, 2], root / "cache", n_tokens=2400, show_progress=False
+    )
+    return root, model, cache
+
+
+def _train_cfg(root, cache, name, **kw):
+    clt = kw.pop("clt", CLTConfig(matryoshka=True, num_latents=32, k=4, nested_sizes=[4, 12]))
+    return CLTTrainConfig(
+        cache=str(cache), save_dir=str(root / name), clt=clt, batch_size=128,
+        lr=3e-4, lr_warmup_steps=5, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    root, _, cache = tiny
+    cfg = _train_cfg(root, cache, "run", max_steps=40, save_every=15)
+    clt = train_clt(cfg, show_progress=False)
+    return root, cfg, clt
+
+
+# -- cache ------------------------------------------------------------------------
+
+
+def test_cache_matches_model_hooks(tiny):
+    """Cached rows are the MLP inputs/outputs: re-running the MLP on the input gives the output."""
+    _, model, cache_dir = tiny
+    cache = ActivationCache(cache_dir)
+    assert cache.layers == [0, 1, 2] and cache.d_model == D and cache.n_tokens == 2400
+    x, y = cache.load()
+    assert x.shape == y.shape == (2400, 3, D)
+    for i in range(3):
+        mlp = model.model.layers[i].mlp
+        torch.testing.assert_close(mlp(x[:50, i]), y[:50, i], rtol=1e-4, atol=1e-5)
+    # Layer 1's MLP input is layer 1's post-attention norm of the residual: not layer 0's output.
+    assert not torch.allclose(x[:, 1], y[:, 0])
+
+
+# -- training -----------------------------------------------------------------------
+
+
+def test_training_reduces_loss_and_writes_run(trained):
+    root, cfg, clt = trained
+    metrics = json.loads((root / "run" / "clt" / "metrics.json").read_text())
+    losses = [h["loss"] for h in metrics["history"]]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < losses[0]
+    assert set(metrics["holdout_prefix_fvu"]) == {"4", "12", "32"}
+    assert all(len(v) == 3 for v in metrics["holdout_prefix_fvu"].values())
+    assert (root / "run" / "clt_training.png").is_file()
+    loaded = load_clt(root / "run" / "clt")
+    for a, b in zip(loaded.state_dict().values(), clt.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert loaded.source["n_model_layers"] == N_MODEL_LAYERS
+    assert not list(root.glob(".run*")), "temporary directories were left behind"
+
+
+def test_resume_continues_exactly(tiny):
+    root, _, cache = tiny
+    straight = train_clt(_train_cfg(root, cache, "straight", max_steps=12), show_progress=False)
+    train_clt(_train_cfg(root, cache, "resumed", max_steps=6), show_progress=False)
+    resumed = train_clt(_train_cfg(root, cache, "resumed", max_steps=12, resume=True), show_progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# -- export round trips ---------------------------------------------------------------
+
+
+def _random_clt(layers, cfg, seed=0, d=D):
+    torch.manual_seed(seed)
+    clt = MatryoshkaCLT(d, layers, cfg)
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.normal_(std=0.3)
+        clt.b_dec.normal_()
+        clt.b_enc.normal_(std=0.2)
+    return clt.eval()
+
+
+@pytest.mark.parametrize("layers,n_model", [([0, 1, 2], 3), ([1, 3], 5)])
+def test_export_topk_round_trip_equals_circuit_tracer(tmp_path, layers, n_model):
+    clt = _random_clt(layers, CLTConfig(matryoshka=True, num_latents=24, k=3, nested_sizes=[4, 10]))
+    out = export_clt(clt, tmp_path / "ct", n_model_layers=n_model)
+    ct, config = load_transcoders_dir(out, dtype=torch.float32)
+    assert config["model_kind"].endswith("cross_layer_transcoder")
+    assert config["matryoshka"]["nested_sizes"] == [4, 10, 24]
+    assert ct.n_layers == n_model and ct.d_transcoder == 24
+    x = torch.randn(n_model, 7, D)
+    slots = torch.tensor(layers)
+    for p in [None, 4, 10, 24]:
+        set_prefix_len(ct, p)
+        got = ct(x)
+        want = clt.reconstruct(x[slots].transpose(0, 1), prefix_len=p).transpose(0, 1)
+        torch.testing.assert_close(got[slots], want, rtol=1e-4, atol=1e-4)
+        untrained = [i for i in range(n_model) if i not in layers]
+        assert not got[untrained].any()
+    # The raw files hold the documented layout.
+    W_dec_first = load_file(str(out / f"W_dec_{layers[0]}.safetensors"))[f"W_dec_{layers[0]}"]
+    assert W_dec_first.shape == (24, n_model - layers[0], D)
+
+
+def test_export_batch_topk_loads_in_stock_circuit_tracer(tmp_path):
+    cfg = CLTConfig(matryoshka=True, num_latents=24, k=3, nested_sizes=[6], batch_topk=True)
+    clt = _random_clt([0, 1, 2], cfg)
+    clt.train()
+    clt(torch.randn(64, 3, D), torch.randn(64, 3, D))  # sets the inference thresholds
+    clt.eval()
+    assert (clt.batch_topk_threshold > 0).all()
+    out = export_clt(clt, tmp_path / "ct")
+    ct = ct_load_clt(str(out), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    x = torch.randn(3, 9, D)
+    want = clt.reconstruct(x.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(ct(x), want, rtol=1e-4, atol=1e-4)
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["model_kind"] == "cross_layer_transcoder"
+
+
+def test_export_jumprelu_calibrated_fires_like_topk(tmp_path):
+    clt = _random_clt([0, 1, 2], CLTConfig(num_latents=24, k=3))
+    calib = torch.randn(400, 3, D)
+    out = export_clt(clt, tmp_path / "ct", activation="jumprelu", calibration=calib)
+    ct = ct_load_clt(str(out), device=torch.device("cpu"), dtype=torch.float32)
+    acts = ct.encode(calib.transpose(0, 1))  # [L, n, M]
+    codes = clt.encode(calib)
+    for s in range(3):
+        topk_counts = torch.bincount(codes[s].top_indices[codes[s].top_acts > 0].flatten(), minlength=24)
+        torch.testing.assert_close((acts[s] > 0).sum(0), topk_counts)
+
+
+# -- end to end to a graph ------------------------------------------------------------------
+
+
+def test_end_to_end_cache_train_export_graph(trained, tmp_path):
+    root, cfg, clt = trained
+    out = tmp_path / "ct"
+    assert main(["export", str(root / "run" / "clt"), str(out)]) == 0
+    graph = tmp_path / "graph.pt"
+    cmd = [
+        sys.executable, "-m", "matryoshka_plugin.adapters.circuit_tracer.cli", "attribute",
+        "--prompt", "w5 w6 w7 w8", "--transcoder_set", str(out), "--model", str(root / "model"),
+        "--graph_output_path", str(graph), "--prefix-len", "4", "32", "--max_n_logits", "3",
+        "--batch_size", "16", "--dtype", "float32",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    scores = json.loads(graph.with_suffix(".scores.json").read_text())
+    assert [r["prefix_len"] for r in scores] == [4, 32]
+    assert scores[0]["nested_sizes"] == [4, 12, 32]
+    for r in scores:
+        assert 0 <= r["completeness_score"] <= 1 + 1e-6
+    assert scores[0]["n_active_features"] <= scores[1]["n_active_features"]
+    assert (tmp_path / "graph-p4.pt").is_file() and (tmp_path / "graph-p32.pt").is_file()
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def test_cache_rejects_layers_not_in_model(tiny, tmp_path):
+    _, model, _ = tiny
+    with pytest.raises(CLTError, match=r"layers \[7\] are not in the model; allowed: 0..2"):
+        cache_activations(model, _random_batches(), [0, 7], tmp_path / "c", n_tokens=10)
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_rejects_layers_not_in_cache(tiny, tmp_path):
+    root, _, cache = tiny
+    with pytest.raises(CLTError, match=r"layers \[5\] are not in the cache .* it holds \[0, 1, 2\]"):
+        train_clt(_train_cfg(tmp_path, cache, "x", layers=[0, 5], max_steps=1), show_progress=False)
+
+
+def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
+    root, _, cache = tiny
+    rc = main(["train", "--cache", str(cache), "--save_dir", str(tmp_path / "r"), "--layers", "0", "9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "layers [9] are not in the cache" in err
+    rc = main(["train", "--cache", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "manifest.json not found" in err
+    rc = main(["train", "--cache", str(cache), "--nested_sizes", "8", "4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "strictly increasing" in err and "\n" not in err
+
+
+def test_cache_with_mismatched_shapes_is_rejected(tiny, tmp_path):
+    _, _, cache = tiny
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    for i in [0, 1, 2]:
+        t = load_file(str(Path(cache) / f"layer_{i}.safetensors"))
+        if i == 1:
+            t["output"] = t["output"][:, :16].contiguous()
+        save_file(t, str(bad / f"layer_{i}.safetensors"))
+    with pytest.raises(CLTError, match=r"layer_1.safetensors: output has shape \[2400, 16\]; the manifest says \[2400, 32\]"):
+        ActivationCache(bad)
+
+
+def test_nested_sizes_must_be_shared_across_layers(tmp_path):
+    with pytest.raises(CLTError, match="nested sizes differ across layers"):
+        shared_nested_sizes({"0": [4, 32], "1": [8, 32]})
+    clt = _random_clt([0, 1], CLTConfig(matryoshka=True, num_latents=32, k=4, nested_sizes=[4]))
+    save_clt(clt, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["nested_sizes_by_layer"]["1"] = [8, 32]
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CLTError, match=r"layer 0: \[4, 32\]; layer 1: \[8, 32\]"):
+        load_clt(tmp_path / "c")
+
+
+def test_inputs_with_wrong_layer_count_are_rejected():
+    clt = _random_clt([0, 1, 2], CLTConfig(num_latents=16, k=2))
+    with pytest.raises(CLTError, match=r"expected \[tokens, 3 layers, 32\] for layers \[0, 1, 2\]"):
+        clt.reconstruct(torch.randn(5, 2, D))
+
+
+def test_export_rejects_a_model_with_too_few_layers(tmp_path):
+    clt = _random_clt([1, 3], CLTConfig(num_latents=16, k=2))
+    with pytest.raises(ExportError, match=r"covers layers \[1, 3\], beyond the model's 3 layers"):
+        export_clt(clt, tmp_path / "ct", n_model_layers=3)
+    assert not (tmp_path / "ct").exists()
+
+
+def test_path2_detection_reports_pypi_sparsify():
+    # With PyPI eai-sparsify 1.3.3 installed, training path 2 (clt-training) is not detected.
+    assert detect_clt_training() is None
