@@ -1,0 +1,320 @@
+"""The main job, offline: Matryoshka transcoders on SmolLM2's early MLPs, trained on Austen.
+
+``matryoshka-demo`` trains one Matryoshka transcoder per MLP (input -> output of
+``layers.N.mlp``) with sparsify's own ``Trainer`` (through ``MatryoshkaTrainer``),
+saves them in sparsify's checkpoint layout, then measures the FVU of every prefix of
+each dictionary on held-out text (the last 10% of each novel) and writes a JSON table
+and a PNG plot. A Matryoshka dictionary should reconstruct better the more of its
+prefix is kept, and its first few hundred latents should already be a usable coder.
+
+Outputs under ``--out``:
+  checkpoints/<run_name>/layers.N.mlp/{cfg.json,sae.safetensors}  (sparsify layout)
+  prefix_fvu.json   per layer: prefix length -> FVU on held-out tokens
+  prefix_fvu.png    FVU against prefix length, one line per layer
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapters.sparsify import (
+    MatryoshkaSparseCoderConfig,
+    MatryoshkaTrainConfig,
+    MatryoshkaTrainer,
+    load_coder,
+)
+from .core import MatryoshkaConfigError
+from .offline import (
+    AUSTEN_NOVELS,
+    SMOLLM2,
+    OfflineAssetError,
+    austen_dataset,
+    load_pretrained,
+    load_tokenizer,
+)
+
+RUN_NAME = "austen"
+RESULTS_JSON = "prefix_fvu.json"
+RESULTS_PNG = "prefix_fvu.png"
+
+
+class DemoError(ValueError):
+    """A demo option is out of range; the message names it and what is allowed."""
+
+
+def hookpoint(layer: int) -> str:
+    return f"layers.{layer}.mlp"
+
+
+def truncate_layers(base_model, n_layers: int) -> None:
+    """Keep the first ``n_layers`` decoder layers.
+
+    sparsify's fvu loss runs the whole model although it only needs activations up to
+    the last hooked layer; SmolLM2 has 30, so this makes each step several times faster.
+    """
+    total = len(base_model.layers)
+    if not 1 <= n_layers <= total:
+        raise DemoError(f"the model has layers 0..{total - 1}; asked for {n_layers} layers")
+    base_model.layers = base_model.layers[:n_layers]
+    base_model.config.num_hidden_layers = n_layers
+
+
+def prefix_grid(width: int, nested_sizes: list[int]) -> list[int]:
+    """Powers of two below the width plus the nested sizes: a readable FVU curve."""
+    powers = [2**i for i in range(int(math.log2(width)) + 1) if 2**i < width]
+    return sorted(set(powers) | set(nested_sizes) | {width})
+
+
+@torch.no_grad()
+def collect_mlp_activations(
+    base_model, dataset, layers: list[int], n_tokens: int, batch_size: int, exclude: Tensor
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """MLP (input, output) rows of each layer on the first ``n_tokens`` kept tokens."""
+    captured: dict[int, tuple[list, list]] = {layer: ([], []) for layer in layers}
+    keep_mask: Tensor | None = None
+
+    def make_hook(layer: int):
+        def hook(module, inputs, output):
+            x = inputs[0].flatten(0, 1)[keep_mask]
+            y = output.flatten(0, 1)[keep_mask]
+            captured[layer][0].append(x.float().cpu())
+            captured[layer][1].append(y.float().cpu())
+
+        return hook
+
+    handles = [
+        base_model.layers[layer].mlp.register_forward_hook(make_hook(layer))
+        for layer in layers
+    ]
+    device = next(base_model.parameters()).device
+    seen = 0
+    n_batches = math.ceil(len(dataset) / batch_size)
+    try:
+        with tqdm(total=n_tokens, desc="Held-out activations", unit="tok") as pbar:
+            for start in range(0, n_batches * batch_size, batch_size):
+                ids = dataset[start : start + batch_size]["input_ids"].to(device)
+                keep_mask = torch.isin(ids, exclude.to(device), invert=True).flatten()
+                base_model(ids)
+                kept = int(keep_mask.sum())
+                pbar.update(min(kept, n_tokens - seen))
+                seen += kept
+                if seen >= n_tokens:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        layer: (torch.cat(xs)[:n_tokens], torch.cat(ys)[:n_tokens])
+        for layer, (xs, ys) in captured.items()
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_prefix_fvu(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, layer in results["layers"].items():
+        lens = [int(p) for p in layer["prefix_fvu"]]
+        ax.plot(lens, list(layer["prefix_fvu"].values()), marker="o", ms=3, label=name)
+        nested = layer["nested_sizes"]
+        ax.scatter(nested, [layer["prefix_fvu"][str(p)] for p in nested], s=25,
+                   facecolors="none", edgecolors="k", zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prefix length (latents kept)")
+    ax.set_ylabel("FVU on held-out Austen tokens")
+    s = results["settings"]
+    ax.set_title(
+        f"Matryoshka transcoders, {Path(s['model']).name}\n"
+        f"width {s['num_latents']}, k {s['k']}, {s['train_tokens']:,} training tokens",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="hookpoint (circles: nested sizes)", fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def format_table(results: dict) -> str:
+    names = list(results["layers"])
+    lens = list(results["layers"][names[0]]["prefix_fvu"])
+    header = f"{'prefix':>7} " + " ".join(f"{n:>14}" for n in names)
+    rows = [header, "-" * len(header)]
+    for p in lens:
+        marks = ["*" if int(p) in results["layers"][n]["nested_sizes"] else " " for n in names]
+        vals = " ".join(
+            f"{results['layers'][n]['prefix_fvu'][p]:>13.4f}{m}" for n, m in zip(names, marks)
+        )
+        rows.append(f"{p:>7} {vals}")
+    rows.append("(* = a nested size trained with its own loss)")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="matryoshka-demo",
+        description="Train Matryoshka transcoders on SmolLM2's early MLPs on Jane Austen "
+        "(offline, CPU) and plot held-out FVU against prefix length.",
+    )
+    p.add_argument("--out", default="matryoshka-demo", help="output folder (default %(default)s)")
+    p.add_argument("--model", default=SMOLLM2,
+                   help="a .gguf, a Hugging Face folder, a hub name, or 'smollm2' (default)")
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2],
+                   help="MLP layers to train transcoders on (default 0 1 2)")
+    p.add_argument("--num-latents", type=int, default=4096, help="dictionary width")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--steps", type=int, default=200, help="training steps")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "signum", "muon"])
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: sparsify's width-scaled rule)")
+    p.add_argument("--lr-warmup-steps", type=int, default=20, help="Adam warm-up steps")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for FVU")
+    p.add_argument("--novels", nargs="+", default=None, choices=list(AUSTEN_NOVELS),
+                   help="train/evaluate on these novels only (default all six)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle and initialisation seed")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return p
+
+
+def _check_args(args) -> None:
+    for name in ("num_latents", "k", "ctx_len", "batch_size", "steps", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise DemoError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.k > args.num_latents:
+        raise DemoError(f"--k={args.k} must not exceed --num-latents={args.num_latents}")
+    if args.lr_warmup_steps < 0:
+        raise DemoError(f"--lr-warmup-steps={args.lr_warmup_steps} must be >= 0")
+    if any(layer < 0 for layer in args.layers) or len(set(args.layers)) != len(args.layers):
+        raise DemoError(f"--layers={args.layers} must be distinct non-negative layer indices")
+
+
+def run(args) -> dict:
+    """Train, evaluate, write outputs; the results dict (also written as JSON)."""
+    _check_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = sorted(args.layers)
+    t0 = time.perf_counter()
+
+    tokenizer = load_tokenizer(args.model)
+    base = load_pretrained(args.model, causal_lm=False, device=args.device)
+    truncate_layers(base, layers[-1] + 1)
+    # Separator/BOS positions carry outlier activations and no text; leave them out.
+    exclude = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None})
+
+    train = austen_dataset(tokenizer, args.ctx_len, "train", novels=args.novels)
+    need = args.steps * args.batch_size
+    if need > len(train):
+        raise DemoError(
+            f"--steps={args.steps} x --batch-size={args.batch_size} needs {need} sequences "
+            f"but the training split has {len(train)} at --ctx-len={args.ctx_len}"
+        )
+    train = train.shuffle(seed=args.seed).select(range(need))
+
+    sae_cfg = MatryoshkaSparseCoderConfig(
+        matryoshka=True, transcode=True, num_latents=args.num_latents, k=args.k
+    )
+    cfg = MatryoshkaTrainConfig(
+        sae=sae_cfg,
+        batch_size=args.batch_size,
+        hookpoints=[hookpoint(layer) for layer in layers],
+        optimizer=args.optimizer,
+        lr=args.lr,
+        lr_warmup_steps=args.lr_warmup_steps,
+        exclude_tokens=exclude,
+        init_seeds=[args.seed],
+        save_dir=str(out / "checkpoints"),
+        run_name=RUN_NAME,
+        save_every=10**9,  # one checkpoint, at the end
+        log_to_wandb=False,
+    )
+    trainer = MatryoshkaTrainer(cfg, train, base)
+    trainer.fit()
+    train_s = time.perf_counter() - t0
+    run_dir = out / "checkpoints" / RUN_NAME
+
+    test = austen_dataset(tokenizer, args.ctx_len, "test", novels=args.novels)
+    acts = collect_mlp_activations(
+        base, test, layers, args.eval_tokens, args.batch_size, torch.tensor(exclude)
+    )
+    results = {
+        "settings": {
+            "model": str(args.model),
+            "hookpoints": cfg.hookpoints,
+            "num_latents": args.num_latents,
+            "k": args.k,
+            "ctx_len": args.ctx_len,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "optimizer": args.optimizer,
+            "lr": args.lr,
+            "train_tokens": need * args.ctx_len,
+            "eval_tokens": int(next(iter(acts.values()))[0].shape[0]),
+            "novels": args.novels or list(AUSTEN_NOVELS),
+            "test_split": "last 10% of each novel",
+            "seed": args.seed,
+            "checkpoints": str(run_dir),
+            "train_seconds": round(train_s, 1),
+        },
+        "layers": {},
+    }
+    for layer in tqdm(layers, desc="Prefix FVU"):
+        coder = load_coder(run_dir / hookpoint(layer), device=args.device)
+        x, y = (t.to(args.device) for t in acts[layer])
+        lens = prefix_grid(coder.num_latents, coder.nested_sizes)
+        fvu = coder.prefix_fvu(x, y, lens)
+        results["layers"][hookpoint(layer)] = {
+            "nested_sizes": coder.nested_sizes,
+            "prefix_fvu": {str(p): fvu[p] for p in lens},
+        }
+    results["settings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+
+    _atomic_write(out / RESULTS_JSON,
+                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    plot_prefix_fvu(results, out / RESULTS_PNG)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = run(args)
+    except (DemoError, OfflineAssetError, MatryoshkaConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(f"Held-out FVU by prefix length ({results['settings']['eval_tokens']:,} tokens):")
+    print(format_table(results))
+    out = Path(args.out)
+    print(f"\nCheckpoints: {results['settings']['checkpoints']}")
+    print(f"Table: {out / RESULTS_JSON}\nPlot: {out / RESULTS_PNG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
