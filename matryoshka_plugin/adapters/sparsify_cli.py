@@ -1,0 +1,258 @@
+"""``sparsify-matryoshka``: sparsify's CLI with Matryoshka options, config files and CPU.
+
+It accepts every ``sparsify`` flag (it parses sparsify's own ``RunConfig``, with the
+``sae`` section widened to ``MatryoshkaSparseCoderConfig``) and adds:
+
+- ``--config_path FILE``: a JSON or YAML ``TrainConfig``/``RunConfig``; flags override it.
+- ``--device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+- MODEL may be a hub name, a local HF folder, a ``.gguf`` file or ``smollm2``;
+  DATASET a hub name, a ``save_to_disk`` folder, a ``.bin`` memmap, or plain text files.
+
+It also mends two upstream quirks: ``--resume`` reads ``{save_dir}/{run_name}`` (upstream
+reads ``checkpoints/{run_name}``), and a saved ``config.json`` holding both ``layers``
+and ``hookpoints`` (upstream's own output) is accepted.
+"""
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset, DatasetDict, load_dataset
+from safetensors.torch import load_model
+from simple_parsing import ArgumentParser
+from sparsify.__main__ import RunConfig
+from sparsify.data import MemmapDataset, chunk_and_tokenize
+from sparsify.utils import simple_parse_args_string
+
+from ..core import MatryoshkaConfigError
+from ..offline import OfflineAssetError, resolve_model
+from .sparsify import CheckpointError, MatryoshkaSparseCoderConfig, MatryoshkaTrainer
+
+PROG = "sparsify-matryoshka"
+
+
+class UsageError(ValueError):
+    """A user-supplied value is not usable; the message names it and what is allowed."""
+
+
+@dataclass
+class MatryoshkaRunConfig(RunConfig):
+    sae: MatryoshkaSparseCoderConfig = field(default_factory=MatryoshkaSparseCoderConfig)
+    """Sparse coder options, sparsify's plus the Matryoshka ones."""
+
+    device: str = "auto"
+    """Device to train on: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
+
+
+def check_literals(obj, path: str = "") -> None:
+    """Reject a ``Literal`` field holding a value outside its choices.
+
+    simple_parsing checks choices given as flags, but not values read from a file.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            check_literals(value, f"{path}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            allowed = typing.get_args(hints[f.name])
+            if value not in allowed:
+                raise UsageError(
+                    f"{path}{f.name}={value!r} is not allowed; allowed: "
+                    + ", ".join(map(str, allowed))
+                )
+
+
+def unknown_keys(cls, data: dict, path: str = "") -> list[str]:
+    """Keys of ``data`` that are not fields of dataclass ``cls`` (recursively)."""
+    by_name = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    bad = []
+    for key, value in data.items():
+        if key not in by_name:
+            bad.append(f"{path}{key}")
+        elif is_dataclass(hints[key]) and isinstance(value, dict):
+            bad += unknown_keys(hints[key], value, f"{path}{key}.")
+    return bad
+
+
+def read_config_file(path: str) -> MatryoshkaRunConfig:
+    """A run config from a JSON or YAML file, strictly checked."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config_path {path}: no such file")
+    text = file.read_text()
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"--config_path {path} does not parse: {first}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config_path {path} must hold a mapping of config fields")
+    if bad := unknown_keys(MatryoshkaRunConfig, data):
+        raise UsageError(f"--config_path {path}: unknown field(s) {', '.join(bad)}")
+    # sparsify's Trainer writes the hookpoints it derived from `layers` back into the
+    # config it saves; feeding that file back in would trip its own assert.
+    if data.get("layers") and data.get("hookpoints"):
+        data.pop("layers")
+    try:
+        return MatryoshkaRunConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MatryoshkaConfigError):
+            raise
+        raise UsageError(f"--config_path {path}: {e}") from None
+
+
+def parse_args(argv: list[str] | None) -> MatryoshkaRunConfig:
+    # simple_parsing's own --config_path swallows the positional MODEL and DATASET, so
+    # the file is read here first and becomes the defaults that flags override.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_path")
+    known, _ = pre.parse_known_args(argv)
+    defaults = read_config_file(known.config_path) if known.config_path else None
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config_path",
+        metavar="FILE",
+        help="JSON or YAML training config; flags override its values",
+    )
+    parser.add_arguments(MatryoshkaRunConfig, dest="run", default=defaults)
+    args = parser.parse_args(argv).run
+    check_literals(args)
+    if args.layers and args.hookpoints:
+        raise UsageError(
+            f"--layers {args.layers} and --hookpoints {args.hookpoints} contradict each "
+            "other; give one of them"
+        )
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use cpu or auto")
+    return device
+
+
+def load_language_model(args: MatryoshkaRunConfig, device: torch.device):
+    from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
+
+    if args.load_in_8bit and device.type != "cuda":
+        raise UsageError("--load_in_8bit true needs a CUDA device")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.float16 if args.load_in_8bit else torch.bfloat16 if cuda_bf16 else torch.float32
+    # End-to-end losses need the LM head.
+    cls = AutoModel if args.loss_fn == "fvu" else AutoModelForCausalLM
+    return cls.from_pretrained(
+        resolve_model(args.model),
+        device_map={"": str(device)},
+        quantization_config=(
+            BitsAndBytesConfig(load_in_8bit=True) if args.load_in_8bit else None
+        ),
+        revision=args.revision,
+        dtype=dtype,
+        token=args.hf_token,
+    )
+
+
+def text_files(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(path.glob("*.txt"))
+    if not files:
+        raise UsageError(f"dataset folder {path} holds no .txt files")
+    return files
+
+
+def load_data(args: MatryoshkaRunConfig):
+    """The training set, from any of the DATASET forms the CLI accepts."""
+    if args.dataset.endswith(".bin"):
+        return MemmapDataset(args.dataset, args.ctx_len, args.max_examples)
+    path = Path(args.dataset).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        dataset = Dataset.load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            if args.split not in dataset:
+                raise UsageError(f"--split {args.split!r} not in {path}; it has {list(dataset)}")
+            dataset = dataset[args.split]
+    elif path.exists():
+        texts = [f.read_text(errors="replace") for f in text_files(path)]
+        dataset = Dataset.from_dict({args.text_column: texts})
+    elif args.dataset.startswith((".", "/", "~")):
+        raise UsageError(f"dataset {args.dataset!r} does not exist")
+    else:  # a hub name, for users who are online
+        kwargs = simple_parse_args_string(args.data_args)
+        dataset = load_dataset(args.dataset, split=args.split, **kwargs)
+
+    if "input_ids" not in dataset.column_names:
+        if args.text_column not in dataset.column_names:
+            raise UsageError(
+                f"--text_column {args.text_column!r} not in the dataset's columns "
+                f"{dataset.column_names}"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model), token=args.hf_token)
+        dataset = chunk_and_tokenize(
+            dataset,
+            tokenizer,
+            max_seq_len=args.ctx_len,
+            num_proc=max(args.data_preprocessing_num_proc, 1),
+            text_key=args.text_column,
+        )
+    if len(dataset) < args.batch_size:
+        raise UsageError(
+            f"dataset {args.dataset!r} gives {len(dataset)} sequences of --ctx_len "
+            f"{args.ctx_len} tokens, fewer than --batch_size {args.batch_size}"
+        )
+    dataset = dataset.shuffle(args.shuffle_seed).with_format("torch")
+    if limit := args.max_examples:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def run(args: MatryoshkaRunConfig) -> None:
+    device = resolve_device(args.device)
+    run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    if args.resume and not (run_dir / "state.pt").is_file():
+        raise UsageError(f"--resume: no checkpoint to resume at {run_dir}")
+    if args.finetune and not Path(args.finetune).is_dir():
+        raise UsageError(f"--finetune {args.finetune}: no such checkpoint folder")
+
+    model = load_language_model(args, device)
+    dataset = load_data(args)
+    print(f"Training on {args.dataset!r} on {device}; Matryoshka: {args.sae.matryoshka}")
+    trainer = MatryoshkaTrainer(args, dataset, model)
+    if args.resume:
+        trainer.load_state(str(run_dir))
+    elif args.finetune:
+        for name, sae in trainer.saes.items():
+            weights = Path(args.finetune) / name / "sae.safetensors"
+            if not weights.is_file():
+                raise UsageError(f"--finetune: {weights} not found")
+            load_model(sae, str(weights), device=str(device))
+    trainer.fit()
+
+
+USER_ERRORS = (UsageError, MatryoshkaConfigError, CheckpointError, OfflineAssetError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except USER_ERRORS as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
