@@ -8,8 +8,8 @@ converter, and the model is made with ``ReplacementModel.from_config``. The toke
 is the one in the model directory (``cfg.tokenizer_name`` is that path, which is also
 what ``create_graph_files`` loads).
 
-GGUF files go through ``matryoshka_plugin.offline.load_pretrained`` when that module is
-installed.
+GGUF files (and the name ``smollm2``) go through ``matryoshka_plugin.offline``, which
+converts them once into a cached HF folder.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ class LocalModelError(ValueError):
 
 
 def is_local_model(spec: str | None) -> bool:
-    """Whether a ``--model`` value names a local directory or GGUF file."""
-    return bool(spec) and (Path(spec).is_dir() or str(spec).endswith(".gguf"))
+    """Whether a ``--model`` value names a local directory, a GGUF file or ``smollm2``."""
+    from matryoshka_plugin.offline import SMOLLM2
+
+    return bool(spec) and (Path(spec).is_dir() or str(spec).endswith(".gguf") or spec == SMOLLM2)
 
 
 def _load_hf(path: Path, dtype: torch.dtype):
@@ -44,22 +46,13 @@ def _load_hf(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), path
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
-    if not path.is_file():
-        raise LocalModelError(f"GGUF file {path} not found")
+def _gguf_to_hf_dir(spec: str) -> Path:
+    from matryoshka_plugin.offline import OfflineAssetError, resolve_model
+
     try:
-        from matryoshka_plugin.offline import load_pretrained
-    except ImportError:
-        raise LocalModelError(
-            "GGUF models need matryoshka_plugin.offline.load_pretrained, which is not "
-            "available; convert the model to an HF directory (save_pretrained) instead"
-        ) from None
-    loaded = load_pretrained(str(path))
-    hf_model = loaded[0] if isinstance(loaded, tuple) else loaded
-    model_dir = getattr(hf_model, "name_or_path", None)
-    if not model_dir or not Path(model_dir).is_dir():
-        raise LocalModelError(f"{path}: load_pretrained did not give a local HF directory to read the config from")
-    return hf_model.to(dtype), Path(model_dir)
+        return Path(resolve_model(spec))
+    except OfflineAssetError as e:
+        raise LocalModelError(str(e)) from None
 
 
 def local_tl_config(
@@ -125,13 +118,17 @@ def load_local_replacement_model(
     dtype: torch.dtype = torch.float32,
 ):
     """A circuit-tracer ``ReplacementModel`` (TransformerLens backend) from local files."""
-    path = Path(model_path).absolute()
-    if str(path).endswith(".gguf"):
-        hf_model, model_dir = _load_gguf(path, dtype)
-    elif path.is_dir():
-        hf_model, model_dir = _load_hf(path, dtype)
+    from matryoshka_plugin.offline import SMOLLM2
+
+    spec = str(model_path)
+    if spec == SMOLLM2 or spec.endswith(".gguf"):
+        # Converted once into a cached HF folder by matryoshka_plugin.offline.
+        path = _gguf_to_hf_dir(spec)
     else:
+        path = Path(spec).absolute()
+    if not path.is_dir():
         raise LocalModelError(f"model {path} is neither a directory nor a .gguf file")
+    hf_model, model_dir = _load_hf(path, dtype)
     cfg = local_tl_config(model_dir, device=device, dtype=dtype)
     check_transcoders_fit(cfg, transcoders)
     state_dict = convert_llama_weights(hf_model, cfg)
