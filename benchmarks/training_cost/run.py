@@ -1,0 +1,407 @@
+"""Training cost of Matryoshka coders against plain sparsify TopK, side by side.
+
+One training step of the coder alone (forward + backward + decoder renorm + Adam step)
+on fixed random activations, for every variant of a configuration, interleaved in
+rotating order (A B C ..., B C ... A, ...) and repeated, so that load from other
+processes on a shared machine hits every variant alike. Reported: the median step time
+of each variant and the median of its per-round ratio to plain TopK timed in the same
+round; and the peak memory of one step.
+
+Peak memory, two ways:
+- ``tracked``: torch's own ``MemTracker`` counts every tensor storage alive during one
+  steady-state step (parameters, gradients, optimizer state, activations, temporaries)
+  and keeps the peak. Deterministic; what a GPU caching allocator would have to hold,
+  less fragmentation.
+- ``maxrss``: each variant in a fresh subprocess; peak resident set size
+  (``getrusage`` maxrss) after three steps minus the resident size just before the
+  first step. Includes malloc's own behaviour; noisier.
+
+Suites (``--suites``):
+- ``levels``: number of levels 2/5/10/sampled at one width; plugin shared decoder,
+  nested decoders, stop-gradient, and a naive per-prefix re-decode;
+- ``width``: the same at several widths (5 levels);
+- ``batch``: several batch sizes;
+- ``trainer``: whole sparsify ``Trainer`` runs through ``fit_activations``;
+- ``saelens``: ours against SAELens' ``MatryoshkaBatchTopKTrainingSAE`` (needs
+  ``sae_lens``; run with a Python that has it, see ``--saelens-python``).
+
+Reproduce (about 15 minutes on 2 CPU cores shared with other jobs)::
+
+    .venv/bin/python benchmarks/training_cost/run.py
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+torch.set_num_threads(1)
+
+from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
+from sparsify.sparse_coder import ForwardOutput  # noqa: E402
+
+from matryoshka_plugin.adapters.sparsify import (  # noqa: E402
+    MatryoshkaSparseCoder,
+    MatryoshkaSparseCoderConfig,
+)
+from matryoshka_plugin.core import truncate_sparse  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def doubling_sizes(width: int, levels: int) -> list[int]:
+    """Prefix lengths width/2^(L-1), ..., width/2, width; L=5 gives Bussmann's groups."""
+    sizes = [width >> (levels - 1 - i) for i in range(levels)]
+    if sizes[0] < 1:
+        raise ValueError(f"width {width} is too small for {levels} doubling levels")
+    return sizes
+
+
+class NaiveMatryoshkaCoder(SparseCoder):
+    """The baseline the single decode replaces: every prefix decoded on its own.
+
+    Each level zeroes the latents beyond its prefix and runs a full sparse decode, so
+    decode work (and the autograd graph) grows with the number of levels.
+    """
+
+    def __init__(self, d_in: int, cfg: SparseCoderConfig, sizes: list[int]):
+        super().__init__(d_in, cfg)
+        self.sizes = sizes
+
+    def forward(self, x, y=None, *, dead_mask=None, total_variance=None):
+        top_acts, top_indices, _ = self.encode(x)
+        y = x if y is None else y
+        if total_variance is None:
+            total_variance = (y - y.mean(0)).pow(2).sum()
+        loss = 0.0
+        for size in self.sizes:
+            acts, idx = truncate_sparse(top_acts, top_indices, size)
+            recon = self.decode(acts, idx)
+            loss = loss + (y - recon).pow(2).sum() / total_variance
+        zero = recon.new_tensor(0.0)
+        return ForwardOutput(recon, top_acts, top_indices, loss / len(self.sizes), zero, zero)
+
+
+# -- variants ----------------------------------------------------------------------
+# name -> how to build it; "levels" is the number of prefix levels (full width included).
+def variant_specs(suite: str) -> list[dict]:
+    plain = {"name": "plain", "kind": "plain"}
+    if suite == "levels":
+        specs = [plain]
+        for L in (2, 5, 10):
+            specs.append({"name": f"fixed{L}", "kind": "matryoshka", "levels": L})
+        specs.append({"name": "pareto", "kind": "matryoshka", "schedule": "pareto"})
+        specs.append({"name": "nested5", "kind": "matryoshka", "levels": 5, "nested_decoders": True})
+        specs.append({"name": "stopgrad5", "kind": "matryoshka", "levels": 5, "stop_gradient": True})
+        for L in (2, 5, 10):
+            specs.append({"name": f"naive{L}", "kind": "naive", "levels": L})
+        return specs
+    if suite == "width":
+        return [
+            plain,
+            {"name": "fixed5", "kind": "matryoshka", "levels": 5},
+            {"name": "pareto", "kind": "matryoshka", "schedule": "pareto"},
+            {"name": "nested5", "kind": "matryoshka", "levels": 5, "nested_decoders": True},
+            {"name": "naive5", "kind": "naive", "levels": 5},
+        ]
+    if suite == "batch":
+        return [
+            plain,
+            {"name": "fixed5", "kind": "matryoshka", "levels": 5},
+            {"name": "naive5", "kind": "naive", "levels": 5},
+        ]
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def build_coder(spec: dict, d: int, width: int, k: int, seed: int = 0) -> SparseCoder:
+    torch.manual_seed(seed)
+    kind = spec["kind"]
+    batch_topk = spec.get("batch_topk", False)
+    if kind == "plain" and not batch_topk:
+        return SparseCoder(d, SparseCoderConfig(num_latents=width, k=k))
+    if kind == "naive":
+        return NaiveMatryoshkaCoder(
+            d, SparseCoderConfig(num_latents=width, k=k), doubling_sizes(width, spec["levels"])
+        )
+    matryoshka = kind == "matryoshka"
+    schedule = spec.get("schedule", "fixed")
+    sizes = doubling_sizes(width, spec["levels"]) if matryoshka and schedule == "fixed" else []
+    cfg = MatryoshkaSparseCoderConfig(
+        num_latents=width,
+        k=k,
+        matryoshka=matryoshka,
+        nested_sizes=sizes,
+        prefix_schedule=schedule,
+        nested_decoders=spec.get("nested_decoders", False),
+        stop_gradient=spec.get("stop_gradient", False),
+        batch_topk=batch_topk,
+    )
+    return MatryoshkaSparseCoder(d, cfg)
+
+
+class CoderStep:
+    """One sparsify-style training step of a coder on a fixed batch."""
+
+    def __init__(self, coder: SparseCoder, x: torch.Tensor):
+        self.coder, self.x = coder.train(), x
+        self.opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        out = self.coder(self.x)
+        # sparsify's trainer loss; auxk and multi-TopK are zero here for every variant.
+        loss = out.fvu + out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        self.coder.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.coder.set_decoder_norm_to_unit_norm()
+        return float(loss.detach())
+
+
+# -- timing ------------------------------------------------------------------------
+def interleaved_times(steps: dict, reps: int, warmup: int, desc: str) -> dict[str, list[float]]:
+    """Per-variant step times; each round runs every variant once, in rotated order."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    times = {n: [] for n in names}
+    for r in tqdm(range(reps), desc=desc, leave=False):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: dict[str, list[float]], base: str = "plain") -> dict:
+    """Median time per variant, and the median/quartiles of per-round ratios to ``base``."""
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, times[base]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = {
+            "median_s": statistics.median(ts),
+            "ratio": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[2],
+            "n": len(ts),
+        }
+    return out
+
+
+# -- memory ------------------------------------------------------------------------
+def tracked_peak_bytes(step: CoderStep) -> int:
+    """Peak bytes of live tensor storages during one steady-state step (MemTracker)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    step()  # optimizer state exists from here on, as in a long run
+    tracker = MemTracker()
+    tracker.track_external(step.coder, step.opt, step.x)
+    with tracker:
+        step()
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def maxrss_worker(args_json: str) -> None:
+    """Subprocess body: resident-set growth over three steps of one variant."""
+    a = json.loads(args_json)
+    torch.manual_seed(1)
+    x = torch.randn(a["batch"], a["d"])
+    step = CoderStep(build_coder(a["spec"], a["d"], a["width"], a["k"]), x)
+    before = _rss_bytes()
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"delta_bytes": peak - before, "maxrss_bytes": peak}))
+
+
+def maxrss_delta(spec: dict, d: int, width: int, k: int, batch: int) -> int:
+    payload = json.dumps({"spec": spec, "d": d, "width": width, "k": k, "batch": batch})
+    res = subprocess.run(
+        [sys.executable, __file__, "--_maxrss-worker", payload],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])["delta_bytes"]
+
+
+# -- suites ------------------------------------------------------------------------
+def run_config(suite, specs, d, width, k, batch, reps, warmup, rss):
+    torch.manual_seed(1)
+    x = torch.randn(batch, d)
+    steps = {s["name"]: CoderStep(build_coder(s, d, width, k), x) for s in specs}
+    desc = f"{suite} d={d} W={width} k={k} B={batch}"
+    summary = summarize(interleaved_times(steps, reps, warmup, desc))
+    rows = []
+    for spec in specs:
+        name = spec["name"]
+        row = {"suite": suite, "variant": name, "d": d, "width": width, "k": k, "batch": batch,
+               "levels": spec.get("levels", "sampled" if spec.get("schedule") else 1),
+               **summary[name], "tracked_peak_bytes": tracked_peak_bytes(steps[name])}
+        if rss:
+            row["maxrss_delta_bytes"] = maxrss_delta(spec, d, width, k, batch)
+        rows.append(row)
+    base = next(r for r in rows if r["variant"] == "plain")
+    for r in rows:
+        r["mem_ratio"] = r["tracked_peak_bytes"] / base["tracked_peak_bytes"]
+        if rss:
+            r["maxrss_ratio"] = r["maxrss_delta_bytes"] / base["maxrss_delta_bytes"]
+    return rows
+
+
+def trainer_suite(reps: int) -> list[dict]:
+    """Whole sparsify Trainer runs (fit_activations): plain against Matryoshka fixed-5."""
+    from matryoshka_plugin.fit import fit_activations
+
+    torch.manual_seed(2)
+    x = torch.randn(16384, 256)
+    cfgs = {
+        "plain": MatryoshkaSparseCoderConfig(num_latents=2048, k=32),
+        "fixed5": MatryoshkaSparseCoderConfig(num_latents=2048, k=32, matryoshka=True),
+    }
+    n_steps = x.shape[0] // 1024
+
+    def run(cfg):
+        return lambda: fit_activations(x, cfg, batch_size=1024, seq_len=64, optimizer="adam",
+                                       lr=1e-4, lr_warmup_steps=0)
+
+    steps = {n: run(c) for n, c in cfgs.items()}
+    summary = summarize(interleaved_times(steps, reps, 1, "trainer fit"))
+    return [{"suite": "trainer", "variant": n, "d": 256, "width": 2048, "k": 32, "batch": 1024,
+             "levels": 5 if n == "fixed5" else 1, "steps_per_fit": n_steps, **s}
+            for n, s in summary.items()]
+
+
+def run_saelens_suite(reps: int, warmup: int) -> list[dict]:
+    """Ours against SAELens' BatchTopK and Matryoshka BatchTopK trainers, one process."""
+    import sae_lens
+    from saelens_variants import saelens_steps
+
+    rows = []
+    for d, width, k, batch in [(256, 1024, 32, 1024), (256, 4096, 32, 1024)]:
+        torch.manual_seed(1)
+        x = torch.randn(batch, d)
+        sizes = doubling_sizes(width, 5)
+        steps = {
+            "plain": CoderStep(build_coder({"kind": "plain"}, d, width, k), x),
+            "fixed5": CoderStep(build_coder({"kind": "matryoshka", "levels": 5}, d, width, k), x),
+            "ours_batchtopk": CoderStep(build_coder({"kind": "plain", "batch_topk": True}, d, width, k), x),
+            "ours_batchtopk_fixed5": CoderStep(
+                build_coder({"kind": "matryoshka", "levels": 5, "batch_topk": True}, d, width, k), x),
+            **saelens_steps(d, width, k, sizes, x),
+        }
+        desc = f"saelens d={d} W={width}"
+        summary = summarize(interleaved_times(steps, reps, warmup, desc))
+        for name, s in summary.items():
+            rows.append({"suite": "saelens", "variant": name, "d": d, "width": width, "k": k,
+                         "batch": batch, "levels": 5 if "5" in name else 1,
+                         "sae_lens_version": sae_lens.__version__, **s,
+                         "tracked_peak_bytes": tracked_peak_bytes(steps[name])})
+        base = rows[-len(summary)]
+        for r in rows[-len(summary):]:
+            r["mem_ratio"] = r["tracked_peak_bytes"] / base["tracked_peak_bytes"]
+    return rows
+
+
+# -- output ------------------------------------------------------------------------
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.rename(out / "results.json")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    tmp = out / "results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.rename(out / "results.csv")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suites", default="levels,width,batch,trainer,saelens")
+    p.add_argument("--reps", type=int, default=10,
+                   help="interleaved rounds per configuration (the levels suite runs twice as many)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--saelens-python", default=str(HERE.parents[1] / ".venv-saelens/bin/python"),
+                   help="Python with sae_lens and this plugin installed, for the saelens suite")
+    p.add_argument("--_maxrss-worker", dest="maxrss_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_saelens-only", dest="saelens_only", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.maxrss_worker:
+        return maxrss_worker(a.maxrss_worker)
+    if a.saelens_only:
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(run_saelens_suite(a.reps, a.warmup)))
+        return
+    suites = a.suites.split(",")
+    unknown = set(suites) - {"levels", "width", "batch", "trainer", "saelens"}
+    if unknown:
+        p.error(f"unknown suites {sorted(unknown)}; allowed: levels,width,batch,trainer,saelens")
+
+    d, k = 256, 32
+    rows = []
+    t0 = time.time()
+    if "levels" in suites:
+        rows += run_config("levels", variant_specs("levels"), d, 4096, k, 1024, 2 * a.reps, a.warmup, rss=True)
+    if "width" in suites:
+        for width in (1024, 4096, 8192):
+            rows += run_config("width", variant_specs("width"), d, width, k, 1024, a.reps, a.warmup, rss=False)
+    if "batch" in suites:
+        for batch in (256, 4096):
+            rows += run_config("batch", variant_specs("batch"), d, 4096, k, batch, a.reps, a.warmup, rss=False)
+    if "trainer" in suites:
+        rows += trainer_suite(max(a.reps // 3, 3))
+    saelens_error = None
+    if "saelens" in suites:
+        py = Path(a.saelens_python)
+        if not py.exists():
+            saelens_error = f"{py} not found"
+        else:
+            res = subprocess.run([str(py), __file__, "--_saelens-only", "--reps", str(a.reps),
+                                  "--warmup", str(a.warmup)], capture_output=True, text=True)
+            if res.returncode:
+                saelens_error = res.stderr.strip().splitlines()[-1]
+            else:
+                rows += json.loads(res.stdout.strip().splitlines()[-1])
+        if saelens_error:
+            print(f"saelens suite skipped: {saelens_error}", file=sys.stderr)
+    meta = {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs (shared), no GPU".strip(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": a.reps,
+        "warmup": a.warmup,
+        "wall_s": round(time.time() - t0, 1),
+        "saelens_error": saelens_error,
+        "command": "python " + " ".join([str(Path(__file__).relative_to(HERE.parents[1]))] + sys.argv[1:]),
+    }
+    write_outputs(rows, meta, a.out)
+    print(f"wrote {a.out}/results.json and results.csv ({len(rows)} rows, {meta['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
