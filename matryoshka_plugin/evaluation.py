@@ -263,7 +263,10 @@ def dictionary_power_law(
     counts, sumsq, _ = latent_activation_sums(coder, x, chunk_size=chunk_size)
     n = x.shape[0]
     W = coder.W_dec.detach().double()
-    eig = torch.linalg.eigvalsh(torch.cov(W.T)).clamp_min(0)
+    eig = torch.linalg.eigvalsh(torch.cov(W.T))
+    # With fewer latents than dimensions the covariance is rank-deficient; its
+    # round-off "eigenvalues" are not part of the spectrum.
+    eig = eig[eig > eig.max() * 1e-10]
     return {
         "mean_squared_activation": power_law_fit(sumsq / n, trim=trim),
         "frequency": power_law_fit(counts / n, trim=trim),

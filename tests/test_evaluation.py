@@ -158,6 +158,10 @@ def test_dictionary_power_law_on_a_coder():
     for key in ("mean_squared_activation", "frequency", "decoder_covariance_eigenvalues"):
         assert fits[key]["exponent"] < 0  # values are sorted descending
         assert fits[key]["n"] >= 2
+    # 32 decoder rows in 8 dimensions: the covariance has rank 8.
+    assert fits["decoder_covariance_eigenvalues"]["n"] == 8
+    narrow = random_coder(8, 5, 2, 0)  # 5 rows: rank 4, round-off eigenvalues dropped
+    assert dictionary_power_law(narrow, x)["decoder_covariance_eigenvalues"]["n"] == 4
 
 
 @settings(max_examples=30, deadline=None)
