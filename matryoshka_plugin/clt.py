@@ -612,7 +612,7 @@ def _calibrate(clt: MatryoshkaCLT, x: Tensor) -> Tensor:
     out = []
     for s in range(clt.n_layers):
         shim = SimpleNamespace(
-            dtype=clt.W_enc.dtype,
+            dtype=clt.b_dec.dtype,
             encoder=SimpleNamespace(weight=clt.W_enc[s], bias=clt.b_enc[s]),
             encode=lambda c, s=s: clt.encode_layer(c, s),
         )

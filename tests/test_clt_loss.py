@@ -151,7 +151,8 @@ def random_clt(cfg, d=6, layers=(0, 1, 2), seed=0):
         for W in clt.W_dec:
             W.normal_()
         clt.b_dec.normal_()
-        clt.b_enc.normal_(std=0.1)
+        for b in clt.b_enc:
+            b.normal_(std=0.1)
     return clt
 
 
@@ -221,6 +222,6 @@ def test_one_layer_clt_equals_sparsify_transcoder(matryoshka):
     torch.testing.assert_close(out.auxk_loss, ref.auxk_loss.detach())
     torch.testing.assert_close(out.loss, ref.fvu + clt.cfg.auxk_alpha * ref.auxk_loss)
     g_ref = torch.autograd.grad(ref.fvu + clt.cfg.auxk_alpha * ref.auxk_loss, [coder.encoder.weight, coder.W_dec])
-    g_clt = torch.autograd.grad(out.loss, [clt.W_enc, clt.W_dec[0]])
-    torch.testing.assert_close(g_clt[0][0], g_ref[0])
+    g_clt = torch.autograd.grad(out.loss, [clt.W_enc[0], clt.W_dec[0]])
+    torch.testing.assert_close(g_clt[0], g_ref[0])
     torch.testing.assert_close(g_clt[1][:, 0], g_ref[1])

@@ -152,7 +152,8 @@ def _random_clt(layers, cfg, seed=0, d=D):
         for W in clt.W_dec:
             W.normal_(std=0.3)
         clt.b_dec.normal_()
-        clt.b_enc.normal_(std=0.2)
+        for b in clt.b_enc:
+            b.normal_(std=0.2)
     return clt.eval()
 
 

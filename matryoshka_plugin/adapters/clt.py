@@ -158,7 +158,7 @@ class CLTOutput(NamedTuple):
 class MatryoshkaCLT(nn.Module):
     """A (Matryoshka) cross-layer transcoder over ``layers`` of a model.
 
-    Tensors use circuit-tracer's layout: ``W_enc [L, M, d]``, ``b_enc [L, M]``,
+    Tensors use circuit-tracer's layout per source ``s``: ``W_enc[s] [M, d]``, ``b_enc[s] [M]``,
     ``W_dec[s] [M, L - s, d]``, ``b_dec [L, d]`` (per target layer).
     """
 
@@ -183,10 +183,15 @@ class MatryoshkaCLT(nn.Module):
 
         # nn.Linear's default initialisation for every source's encoder, as sparsify.
         bound = 1 / d_model**0.5
-        self.W_enc = nn.Parameter(
-            torch.empty(L, M, d_model, device=device, dtype=dtype).uniform_(-bound, bound)
+        # One parameter per source layer: slicing a stacked [L, M, d] parameter makes
+        # autograd build (and zero-fill) a full-size gradient for every slice.
+        self.W_enc = nn.ParameterList(
+            nn.Parameter(torch.empty(M, d_model, device=device, dtype=dtype).uniform_(-bound, bound))
+            for _ in range(L)
         )
-        self.b_enc = nn.Parameter(torch.zeros(L, M, device=device, dtype=dtype))
+        self.b_enc = nn.ParameterList(
+            nn.Parameter(torch.zeros(M, device=device, dtype=dtype)) for _ in range(L)
+        )
         # Zero decoders, as sparsify initialises transcoders.
         self.W_dec = nn.ParameterList(
             nn.Parameter(torch.zeros(M, L - s, d_model, device=device, dtype=dtype))
@@ -216,7 +221,7 @@ class MatryoshkaCLT(nn.Module):
     # -- shapes and checks ---------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.b_enc.device
+        return self.b_dec.device
 
     @property
     def nested_sizes(self) -> list[int]:
@@ -255,7 +260,7 @@ class MatryoshkaCLT(nn.Module):
     def encode(self, x: Tensor) -> list[EncoderOutput]:
         """Every source layer's active latents for inputs ``[N, L, d]``."""
         self._check_input(x, "inputs")
-        x = x.to(self.W_enc.dtype)
+        x = x.to(self.b_dec.dtype)
         return [self.encode_layer(x[:, s], s) for s in range(self.n_layers)]
 
     # -- decoder ---------------------------------------------------------------
@@ -328,7 +333,7 @@ class MatryoshkaCLT(nn.Module):
             sizes = self.step_sizes() if self.training else [self.num_latents]
         if sizes[-1] != self.num_latents:
             sizes = [*sizes, self.num_latents]
-        y = y.to(self.W_enc.dtype)
+        y = y.to(self.b_dec.dtype)
         codes = self.encode(x)
         recons = self.level_recons(codes, sizes)
         total_variance = target_variance(y)
@@ -406,8 +411,9 @@ class MatryoshkaCLT(nn.Module):
         """sparsify's first-step initialisation: centred pre-activations, b_dec at the target mean."""
         self._check_input(x, "inputs")
         self._check_input(y, "targets")
-        mean_in = x.to(self.W_enc.dtype).mean(0)
-        self.b_enc.copy_(-torch.einsum("ld,lmd->lm", mean_in, self.W_enc))
+        mean_in = x.to(self.b_dec.dtype).mean(0)
+        for s in range(self.n_layers):
+            self.b_enc[s].copy_(-self.W_enc[s] @ mean_in[s])
         self.b_dec.copy_(y.to(self.b_dec.dtype).mean(0))
 
     # -- state beyond weights ------------------------------------------------------

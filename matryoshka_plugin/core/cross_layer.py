@@ -50,16 +50,17 @@ def source_prefix_decodes(
 def gather_targets(per_source: Sequence[Tensor], n_layers: int) -> Tensor:
     """Sum source decodes into targets: ``[N, levels, L - s, d]`` each -> ``[N, levels, L, d]``.
 
-    Source ``s`` covers targets ``s..L-1``, so it is left-padded by ``s`` target slots.
+    Source ``s`` covers targets ``s..L-1``: it is added into target slots ``s:``.
     """
-    total = None
+    first = per_source[0]
+    total = first.new_zeros(first.shape[0], first.shape[1], n_layers, first.shape[3])
     for s, dec in enumerate(per_source):
         if dec.shape[2] != n_layers - s:
             raise ValueError(
                 f"source {s} decodes into {dec.shape[2]} targets; expected {n_layers - s}"
             )
-        padded = F.pad(dec, (0, 0, s, 0))
-        total = padded if total is None else total + padded
+        # In place on a slice: one buffer instead of a padded copy per source.
+        total[:, :, s:] += dec
     return total
 
 
