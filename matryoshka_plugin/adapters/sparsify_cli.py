@@ -49,36 +49,25 @@ class MatryoshkaRunConfig(RunConfig):
     """Device to train on: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
 
 
-def check_literals(obj, path: str = "") -> None:
-    """Reject a ``Literal`` field holding a value outside its choices.
+def config_problems(cls, data: dict, path: str = "") -> list[str]:
+    """Unknown keys and out-of-choice ``Literal`` values in a config dict, recursively.
 
-    simple_parsing checks choices given as flags, but not values read from a file.
+    Flags are checked by argparse; values read from a file are checked here, so the
+    message names the field.
     """
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            check_literals(value, f"{path}{f.name}.")
-        elif typing.get_origin(hints[f.name]) is typing.Literal:
-            allowed = typing.get_args(hints[f.name])
-            if value not in allowed:
-                raise UsageError(
-                    f"{path}{f.name}={value!r} is not allowed; allowed: "
-                    + ", ".join(map(str, allowed))
-                )
-
-
-def unknown_keys(cls, data: dict, path: str = "") -> list[str]:
-    """Keys of ``data`` that are not fields of dataclass ``cls`` (recursively)."""
-    by_name = {f.name: f for f in fields(cls)}
+    by_name = {f.name for f in fields(cls)}
     hints = typing.get_type_hints(cls)
-    bad = []
+    problems = []
     for key, value in data.items():
+        hint = hints.get(key)
         if key not in by_name:
-            bad.append(f"{path}{key}")
-        elif is_dataclass(hints[key]) and isinstance(value, dict):
-            bad += unknown_keys(hints[key], value, f"{path}{key}.")
-    return bad
+            problems.append(f"unknown field {path}{key}")
+        elif is_dataclass(hint) and isinstance(value, dict):
+            problems += config_problems(hint, value, f"{path}{key}.")
+        elif typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            allowed = ", ".join(map(str, typing.get_args(hint)))
+            problems.append(f"{path}{key}={value!r} is not allowed; allowed: {allowed}")
+    return problems
 
 
 def read_config_file(path: str) -> MatryoshkaRunConfig:
@@ -94,8 +83,8 @@ def read_config_file(path: str) -> MatryoshkaRunConfig:
         raise UsageError(f"--config_path {path} does not parse: {first}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config_path {path} must hold a mapping of config fields")
-    if bad := unknown_keys(MatryoshkaRunConfig, data):
-        raise UsageError(f"--config_path {path}: unknown field(s) {', '.join(bad)}")
+    if problems := config_problems(MatryoshkaRunConfig, data):
+        raise UsageError(f"--config_path {path}: {'; '.join(problems)}")
     # sparsify's Trainer writes the hookpoints it derived from `layers` back into the
     # config it saves; feeding that file back in would trip its own assert.
     if data.get("layers") and data.get("hookpoints"):
@@ -124,7 +113,6 @@ def parse_args(argv: list[str] | None) -> MatryoshkaRunConfig:
     )
     parser.add_arguments(MatryoshkaRunConfig, dest="run", default=defaults)
     args = parser.parse_args(argv).run
-    check_literals(args)
     if args.layers and args.hookpoints:
         raise UsageError(
             f"--layers {args.layers} and --hookpoints {args.hookpoints} contradict each "
