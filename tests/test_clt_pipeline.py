@@ -302,6 +302,36 @@ def test_export_rejects_a_model_with_too_few_layers(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-def test_path2_detection_reports_pypi_sparsify():
-    # With PyPI eai-sparsify 1.3.3 installed, training path 2 (clt-training) is not detected.
+def test_path2_detection(tmp_path):
+    # PyPI eai-sparsify 1.3.3 is installed here: not clt-training.
     assert detect_clt_training() is None
+    # clt-training's package layout (a Triton kernels.py beside the trainer) is detected.
+    fork = tmp_path / "sparsify"
+    fork.mkdir()
+    (fork / "__init__.py").write_text("")
+    assert detect_clt_training([str(fork)]) is None
+    (fork / "kernels.py").write_text("import triton\n")
+    assert detect_clt_training([str(fork)]) is not None
+
+
+@pytest.mark.slow
+def test_smollm2_default_path(tmp_path):
+    """The embedded default: SmolLM2-135M on Austen, cache -> train -> export (CLI)."""
+    pytest.importorskip("gguf")
+    from matryoshka_plugin.offline import OfflineAssetError, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except OfflineAssetError as e:
+        pytest.skip(str(e))
+    cache = tmp_path / "cache"
+    assert main(["cache", "--layers", "0-1", "--out", str(cache), "--n-tokens", "3000"]) == 0
+    assert ActivationCache(cache).d_model == 576
+    run = tmp_path / "run"
+    assert main(["train", "--cache", str(cache), "--save_dir", str(run), "--num_latents", "128",
+                 "--k", "8", "--max_steps", "20", "--batch_size", "128"]) == 0
+    metrics = json.loads((run / "clt" / "metrics.json").read_text())
+    assert metrics["history"][-1]["fvu_mean"] < metrics["history"][0]["fvu_mean"]
+    assert main(["export", str(run / "clt"), str(tmp_path / "ct")]) == 0
+    ct, config = load_transcoders_dir(tmp_path / "ct")
+    assert ct.n_layers == 30 and config["model_name"] == "smollm2"

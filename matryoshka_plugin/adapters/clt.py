@@ -51,19 +51,19 @@ class CLTTrainingInstalledError(RuntimeError):
     """The installed ``sparsify`` is EleutherAI clt-training, not PyPI eai-sparsify."""
 
 
-def detect_clt_training() -> str | None:
+def detect_clt_training(package_dirs: list[str] | None = None) -> str | None:
     """The clt-training version if that fork is the installed ``sparsify``, else None.
 
     clt-training also ships as ``eai-sparsify`` (1.1.x) and imports as ``sparsify``;
     its ``kernels.py`` (Triton) is the tell. The package is located, not imported:
-    importing it needs Triton.
+    importing it needs Triton. ``package_dirs`` overrides where ``sparsify`` lives.
     """
-    spec = importlib.util.find_spec("sparsify")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    has_kernels = any(
-        Path(p, "kernels.py").is_file() for p in spec.submodule_search_locations
-    )
+    if package_dirs is None:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        package_dirs = list(spec.submodule_search_locations)
+    has_kernels = any(Path(p, "kernels.py").is_file() for p in package_dirs)
     try:
         version = importlib.metadata.version("eai-sparsify")
     except importlib.metadata.PackageNotFoundError:
