@@ -20,12 +20,21 @@ from unittest.mock import patch
 
 import sparsify.trainer
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
+from ..atomic import (
+    atomic_dir,
+    atomic_write_text,
+    link_missing,
+    recover_dir,
+    recover_path,
+    remove_stale,
+)
 from ..core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
@@ -248,12 +257,15 @@ class MatryoshkaSparseCoder(SparseCoder):
         self.batch_topk_threshold.copy_(state[THRESHOLD_KEY])
 
     def save_to_disk(self, path: Path | str):
-        super().save_to_disk(path)
-        if self.cfg.batch_topk:
-            cfg_path = Path(path) / "cfg.json"
-            cfg_dict = json.loads(cfg_path.read_text())
-            cfg_dict[THRESHOLD_KEY] = float(self.batch_topk_threshold)
-            cfg_path.write_text(json.dumps(cfg_dict))
+        # Written whole into a temporary sibling, then swapped in: a crash leaves the
+        # previous coder directory or the new one, never a cfg.json without its weights.
+        with atomic_dir(path) as tmp:
+            super().save_to_disk(tmp)
+            if self.cfg.batch_topk:
+                cfg_path = tmp / "cfg.json"
+                cfg_dict = json.loads(cfg_path.read_text())
+                cfg_dict[THRESHOLD_KEY] = float(self.batch_topk_threshold)
+                atomic_write_text(cfg_path, json.dumps(cfg_dict))
 
 
 @torch.no_grad()
@@ -294,6 +306,23 @@ class MatryoshkaTrainer(Trainer):
         return {n: s for n, s in saes.items() if isinstance(s, MatryoshkaSparseCoder)}
 
     def _checkpoint(self, saes, path: str, rank_zero: bool):
+        # sparsify writes each file in place, so a crash mid-save leaves a mix of two
+        # steps. Here the whole checkpoint goes to a temporary sibling that replaces
+        # `path` once complete. With distribute_modules every rank writes its own coders
+        # into the same directory, which a per-rank swap would clobber: keep upstream's
+        # in-place writing there.
+        if dist.is_initialized() and self.cfg.distribute_modules:
+            self._write_checkpoint(saes, path, rank_zero)
+            return
+        target = recover_dir(path)
+        remove_stale(target)
+        with atomic_dir(target) as tmp:
+            self._write_checkpoint(saes, str(tmp), rank_zero)
+            # Keep what sat beside the old checkpoint (sparsify's best/), as in-place
+            # writing would have.
+            link_missing(target, tmp)
+
+    def _write_checkpoint(self, saes, path: str, rank_zero: bool):
         super()._checkpoint(saes, path, rank_zero)
         if coders := self._matryoshka_coders(saes):
             torch.save(
@@ -302,6 +331,9 @@ class MatryoshkaTrainer(Trainer):
             )
 
     def load_state(self, path: str):
+        # A crash between the renames of a checkpoint swap leaves the complete
+        # checkpoint under a sibling name; put it back first.
+        recover_dir(path)
         super().load_state(path)
         state_file = Path(path) / MATRYOSHKA_STATE_FILE
         if (coders := self._matryoshka_coders()) and state_file.exists():
@@ -333,7 +365,7 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
     Plain checkpoints come back as stock ``SparseCoder``; Matryoshka ones as
     ``MatryoshkaSparseCoder`` in eval mode.
     """
-    path = Path(path)
+    path = recover_path(path)  # a crash mid checkpoint swap leaves it under a sibling name
     cfg_dict, d_in = read_coder_config(path)
     threshold = cfg_dict.pop(THRESHOLD_KEY, None)
     matryoshka = bool(cfg_dict.get("matryoshka", False))

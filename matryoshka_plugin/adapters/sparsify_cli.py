@@ -29,6 +29,7 @@ from sparsify.__main__ import RunConfig
 from sparsify.data import MemmapDataset, chunk_and_tokenize
 from sparsify.utils import simple_parse_args_string
 
+from ..atomic import recover_dir
 from ..core import MatryoshkaConfigError
 from ..offline import OfflineAssetError, resolve_model
 from .sparsify import CheckpointError, MatryoshkaSparseCoderConfig, MatryoshkaTrainer
@@ -211,6 +212,8 @@ def load_data(args: MatryoshkaRunConfig):
 def run(args: MatryoshkaRunConfig) -> None:
     device = resolve_device(args.device)
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    if args.resume:
+        recover_dir(run_dir)  # a crash mid checkpoint swap leaves it under a sibling name
     if args.resume and not (run_dir / "state.pt").is_file():
         raise UsageError(f"--resume: no checkpoint to resume at {run_dir}")
     if args.finetune and not Path(args.finetune).is_dir():
