@@ -15,10 +15,8 @@ recording, atomic directory writing) are shared with the cross-layer transcoder 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +26,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ...atomic import commit_dir, staging_dir
 from ..sparsify import CheckpointError, load_coder
 
 NESTED_SIZES_FILE = "matryoshka.json"
@@ -168,17 +167,11 @@ def atomic_output_dir(out_dir: Path | str, overwrite: bool = False) -> Iterator[
     if out_dir.exists() and not (out_dir.is_dir() and overwrite):
         what = "directory" if out_dir.is_dir() else "file"
         raise ExportError(f"output {out_dir} already exists ({what}); choose a new path or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        # An overwrite is one atomic exchange on Linux; see matryoshka_plugin.atomic.
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
