@@ -118,6 +118,21 @@ def test_nested_decoders_train_their_own_weights_and_stay_unit_norm():
         assert (W.grad * W.data).sum(1).abs().max() < 1e-5
 
 
+def test_nested_decoder_levels_equal_their_own_truncated_decodes():
+    ours, _ = make_pair(matryoshka=True, nested_sizes=[6, 24], nested_decoders=True, bias_level=True)
+    x = torch.randn(16, D_IN)
+    ours(x)
+    top_acts, top_indices, _ = ours.encode(x)
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    expected = [float((x - ours.b_dec).pow(2).sum() / total_variance)]  # bias-only level
+    decoders = [*zip(ours.W_dec_levels, ours.b_dec_levels), (ours.W_dec, torch.zeros(D_IN))]
+    for p, (W, b_offset) in zip([6, 24, 48], decoders):
+        dense = torch.zeros(16, 48).scatter(1, top_indices, top_acts)[:, :p]
+        recon = dense @ W + ours.b_dec + b_offset
+        expected.append(float((x - recon).pow(2).sum() / total_variance))
+    assert ours.last_level_fvu.tolist() == pytest.approx(expected, rel=1e-5)
+
+
 def test_eval_mode_is_the_plain_coder():
     ours, plain = make_pair(matryoshka=True, nested_sizes=[6, 24], nested_decoders=True)
     x = torch.randn(16, D_IN)
