@@ -1,0 +1,98 @@
+"""``serve_graphs``: circuit-tracer's local server, serving the plugin's asset directory.
+
+It reuses upstream's handler (``/data/`` and ``/graph_data/`` from the graph directory,
+``/save_graph/``), adding three things: each graph's ``scan`` is pointed at the plugin's
+feature pages (``data.local_scan``), so the page never asks a CDN or the Hugging Face
+hub for them; a feature page or decomposition that was never built answers with an empty
+but valid JSON (the panel says so) instead of a 404; and paths cannot leave the graph dir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from pathlib import Path
+
+from circuit_tracer.frontend.local_server import CircuitGraphHandler, ReusableTCPServer, Server
+
+from .assets import build_frontend
+from .data import VIEWER_DIR, local_scan
+
+DEFAULT_PORT = 8032
+
+
+class MatryoshkaGraphHandler(CircuitGraphHandler):
+    def _send_json(self, obj, status: int = 200) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _do_GET(self):
+        path = self.path.split("?")[0]
+        for prefix in ("/data/", "/graph_data/"):
+            if path.startswith(prefix):
+                return self._data(path[len(prefix):])
+        return super()._do_GET()
+
+    def _data(self, rel: str):
+        root = Path(self.data_dir).resolve()
+        local = (root / rel).resolve()
+        if root != local and root not in local.parents:
+            self.send_response(403)
+            self.end_headers()
+            return
+        parts = Path(rel).parts
+        if parts and parts[0] == VIEWER_DIR and not local.is_file():
+            if parts[-1] == "decomposition.json":
+                return self._send_json({"features": {}, "missing": True})
+            if len(parts) >= 3 and parts[-2] == "features":
+                return self._send_json({
+                    "examples_quantiles": [{"quantile_name": "No corpus examples built for this graph directory "
+                                            "(python -m matryoshka_plugin.viewer build)", "examples": []}],
+                    "top_logits": [], "bottom_logits": [], "missing": True,
+                })
+        if not local.is_file():
+            self.send_response(404)
+            self.end_headers()
+            return
+        if local.suffix != ".json" or VIEWER_DIR in parts:
+            return super()._do_GET()
+        data = json.loads(local.read_text())
+        if rel == "graph-metadata.json":
+            for g in data.get("graphs", []):
+                if g.get("scan") is not None:
+                    g["original_scan"] = g["scan"]
+                    g["scan"] = local_scan(g["scan"])
+        elif isinstance(data.get("metadata"), dict) and "scan" in data["metadata"]:
+            meta = data["metadata"]
+            meta["original_scan"] = meta["scan"]
+            meta["scan"] = local_scan(meta["scan"])
+            # A per-layer transcoder list ("custom-" scans) would route pages per layer.
+            meta["transcoder_list"] = []
+        return self._send_json(data)
+
+
+def serve_graphs(graph_dir, port: int = DEFAULT_PORT, *, frontend_dir=None, host: str = "localhost") -> Server:
+    """Serve circuit-tracer's viewer with the plugin's additions for ``graph_dir``.
+
+    ``frontend_dir`` defaults to the built plugin asset directory (``assets.build_frontend``,
+    which vendors the JavaScript libraries on first use). ``port=0`` picks a free port;
+    the bound one is ``server.port``. Returns upstream's ``Server`` (``.stop()``).
+    """
+    graph_dir = Path(graph_dir)
+    if not graph_dir.is_dir():
+        raise FileNotFoundError(f"graph directory {graph_dir} does not exist")
+    frontend = Path(frontend_dir) if frontend_dir else build_frontend()
+    handler = functools.partial(MatryoshkaGraphHandler, frontend_dir=frontend, data_dir=str(graph_dir.resolve()))
+    httpd = ReusableTCPServer((host, port), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    server = Server(httpd, thread)
+    server.port = httpd.server_address[1]
+    server.url = f"http://{host}:{server.port}/"
+    server.frontend_dir = frontend
+    return server
