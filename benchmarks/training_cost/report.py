@@ -85,9 +85,11 @@ def main():
     ms = ("median step ms", lambda r: f"{r['median_s'] * 1e3:.0f}")
     mem = ("peak MiB (tracked)", lambda r: f"{r['tracked_peak_bytes'] / MiB:.1f}")
     memr = ("mem ratio (tracked)", lambda r: f"{r['mem_ratio']:.3f}")
-    md = [f"Run {meta['date_utc']}, {meta['machine']}, torch {meta['torch']}, "
-          f"{meta['threads']} thread, {meta['reps']} rounds ({2 * meta['reps']} for levels), "
-          f"wall {meta['wall_s']} s. Command: `{meta['command']}`\n"]
+    md = []
+    for m in meta.get("runs", [meta]):
+        md.append(f"- Suites {', '.join(m.get('suites', []))}: run {m['date_utc']}, {m['machine']}, "
+                  f"torch {m['torch']}, {m['threads']} thread, {m['reps']} rounds "
+                  f"({2 * m['reps']} for levels), wall {m['wall_s']} s. Command: `{m['command']}`\n")
     suites = {r["suite"] for r in rows}
     if "levels" in suites:
         lv = [r for r in rows if r["suite"] == "levels"]
@@ -116,6 +118,15 @@ def main():
         md.append(f"\n### Against SAELens {ss[0]['sae_lens_version']} (d={ss[0]['d']}, k={ss[0]['k']}, "
                   f"batch={ss[0]['batch']}, 5 levels; ratios to plain sparsify TopK in the same round)\n")
         md.append(table(ss, [("width", lambda r: str(r["width"])), ("variant", lambda r: r["variant"]), ms, ratio, mem, memr]))
+        md.append("\nMatryoshka over the same library's own non-Matryoshka step (ratio of median step "
+                  "times, and of tracked peaks):\n\n| width | pair | time | memory |\n|---|---|---|---|\n")
+        pairs = (("fixed5", "plain"), ("ours_batchtopk_fixed5", "ours_batchtopk"),
+                 ("saelens_matryoshka5", "saelens_batchtopk"))
+        for w in sorted({r["width"] for r in ss}):
+            by = {r["variant"]: r for r in ss if r["width"] == w}
+            for a, b in pairs:
+                md.append(f"| {w} | {a} / {b} | {by[a]['median_s'] / by[b]['median_s']:.2f} | "
+                          f"{by[a]['tracked_peak_bytes'] / by[b]['tracked_peak_bytes']:.2f} |\n")
     elif meta.get("saelens_error"):
         md.append(f"\nSAELens suite skipped: {meta['saelens_error']}\n")
     (out / "tables.md").write_text("".join(md))

@@ -12,9 +12,9 @@ Peak memory, two ways:
   steady-state step (parameters, gradients, optimizer state, activations, temporaries)
   and keeps the peak. Deterministic; what a GPU caching allocator would have to hold,
   less fragmentation.
-- ``maxrss``: each variant in a fresh subprocess; peak resident set size
-  (``getrusage`` maxrss) after three steps minus the resident size just before the
-  first step. Includes malloc's own behaviour; noisier.
+- ``maxrss``: each variant in a fresh subprocess; peak resident set size (``VmHWM``,
+  reset just before the steps) over three steps (the first allocates Adam's state)
+  minus the resident size just before them. Includes malloc's own behaviour; noisier.
 
 Suites (``--suites``):
 - ``levels``: number of levels 2/5/10/sampled at one width; plugin shared decoder,
@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -216,22 +215,32 @@ def tracked_peak_bytes(step: CoderStep) -> int:
     return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def maxrss_worker(args_json: str) -> None:
-    """Subprocess body: resident-set growth over three steps of one variant."""
+    """Subprocess body: resident-set peak over three steps of one variant, above the
+    resident size just before them.
+
+    ``getrusage`` maxrss is useless here: a child started by fork+exec inherits the
+    parent's high-water mark. ``VmHWM`` is reset by writing 5 to /proc/self/clear_refs.
+    """
     a = json.loads(args_json)
     torch.manual_seed(1)
     x = torch.randn(a["batch"], a["d"])
     step = CoderStep(build_coder(a["spec"], a["d"], a["width"], a["k"]), x)
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"delta_bytes": peak - before, "maxrss_bytes": peak}))
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"delta_bytes": peak - before, "hwm_bytes": peak}))
 
 
 def maxrss_delta(spec: dict, d: int, width: int, k: int, batch: int) -> int:
@@ -257,7 +266,8 @@ def run_config(suite, specs, d, width, k, batch, reps, warmup, rss):
                "levels": spec.get("levels", "sampled" if spec.get("schedule") else 1),
                **summary[name], "tracked_peak_bytes": tracked_peak_bytes(steps[name])}
         if rss:
-            row["maxrss_delta_bytes"] = maxrss_delta(spec, d, width, k, batch)
+            deltas = [maxrss_delta(spec, d, width, k, batch) for _ in range(rss)]
+            row["maxrss_delta_bytes"] = statistics.median(deltas)
         rows.append(row)
     base = next(r for r in rows if r["variant"] == "plain")
     for r in rows:
@@ -344,6 +354,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10,
                    help="interleaved rounds per configuration (the levels suite runs twice as many)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rss-reps", type=int, default=2,
+                   help="fresh subprocesses per variant for the maxrss measurement (levels suite)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of suites not run now from an existing results.json")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--saelens-python", default=str(HERE.parents[1] / ".venv-saelens/bin/python"),
                    help="Python with sae_lens and this plugin installed, for the saelens suite")
@@ -365,7 +379,7 @@ def main(argv=None):
     rows = []
     t0 = time.time()
     if "levels" in suites:
-        rows += run_config("levels", variant_specs("levels"), d, 4096, k, 1024, 2 * a.reps, a.warmup, rss=True)
+        rows += run_config("levels", variant_specs("levels"), d, 4096, k, 1024, 2 * a.reps, a.warmup, rss=a.rss_reps)
     if "width" in suites:
         for width in (1024, 4096, 8192):
             rows += run_config("width", variant_specs("width"), d, width, k, 1024, a.reps, a.warmup, rss=False)
@@ -399,6 +413,15 @@ def main(argv=None):
         "saelens_error": saelens_error,
         "command": "python " + " ".join([str(Path(__file__).relative_to(HERE.parents[1]))] + sys.argv[1:]),
     }
+    old = a.out / "results.json"
+    if a.merge and old.exists():
+        prev = json.loads(old.read_text())
+        kept = [r for r in prev["rows"] if r["suite"] not in suites]
+        runs = [m for m in prev["meta"].get("runs", [prev["meta"]]) if set(m.get("suites", [])) - set(suites)]
+        rows = kept + rows
+        meta = {**meta, "runs": runs + [{**meta, "suites": suites}]}
+    else:
+        meta["runs"] = [{**meta, "suites": suites}]
     write_outputs(rows, meta, a.out)
     print(f"wrote {a.out}/results.json and results.csv ({len(rows)} rows, {meta['wall_s']} s)")
 
