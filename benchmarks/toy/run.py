@@ -1,0 +1,268 @@
+"""Toy model with ground truth: absorption, splitting and best-match cosine per baseline.
+
+Every baseline is trained through sparsify's own Trainer (``fit_activations``) on the
+same hierarchical toy activations, with the same width and k, for several seeds:
+
+- ``topk``: plain sparsify TopK (``matryoshka=False``);
+- ``topk_reordered``: the same coders with latents sorted by mean squared activation
+  (seed 003, section 4). Ground-truth metrics do not depend on latent order, so it
+  only differs from ``topk`` in the FVU-vs-prefix curve;
+- ``matryoshka_fixed``: Bussmann's fixed groups (1/16, 1/16, 1/8, 1/4, 1/2 of the width);
+- ``matryoshka_pareto``: Nabeshima's truncated-Pareto prefixes, resampled every step;
+- ``batch_topk``: BatchTopK with a single level (the anchor's baseline);
+- ``matryoshka_batch_topk``: fixed groups with BatchTopK (the anchor's Matryoshka).
+
+Reproduce (writes results.json, absorption.png, fvu_vs_prefix.png, table.md here):
+
+    .venv/bin/python benchmarks/toy/run.py
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from matryoshka_plugin import MatryoshkaSparseCoderConfig
+from matryoshka_plugin.evaluation import prefix_curve, reorder_by_mean_squared_activation, write_json
+from matryoshka_plugin.fit import fit_activations
+from matryoshka_plugin.toy import ToyConfig, ToyModel, ground_truth_metrics
+
+HERE = Path(__file__).resolve().parent
+
+# name -> Matryoshka fields (None: derived from another baseline, not trained)
+BASELINES: dict[str, dict | None] = {
+    "topk": {"matryoshka": False},
+    "topk_reordered": None,
+    "matryoshka_fixed": {"matryoshka": True, "prefix_schedule": "fixed"},
+    "matryoshka_pareto": {"matryoshka": True, "prefix_schedule": "pareto"},
+    # The plugin only swaps in its coder when matryoshka=True, so plain BatchTopK is a
+    # Matryoshka coder whose only nested size is the full width (no inner levels).
+    "batch_topk": {"matryoshka": True, "batch_topk": True, "nested_sizes": "width"},
+    "matryoshka_batch_topk": {"matryoshka": True, "batch_topk": True, "prefix_schedule": "fixed"},
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.platform()}"
+
+
+def summarise(values: list[float]) -> dict:
+    vals = [v for v in values if v == v]  # drop NaN
+    mean = statistics.fmean(vals) if vals else float("nan")
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "values": values}
+
+
+def scalar_metrics(gt: dict, curve: list[dict]) -> dict:
+    return {
+        "absorption_rate": gt["absorption"]["absorption_rate"],
+        "parent_miss_rate": gt["absorption"]["parent_miss_rate"],
+        "split_fraction": gt["splitting"]["split_fraction"],
+        "mean_latents_per_feature": gt["splitting"]["mean_latents_per_feature"],
+        "unmatched_fraction": gt["splitting"]["unmatched_fraction"],
+        "best_cosine": gt["best_match_cosine"]["mean"],
+        "best_cosine_parents": gt["best_match_cosine"]["parents"],
+        "best_cosine_children": gt["best_match_cosine"]["children"],
+        "fvu_full": curve[-1]["fvu"],
+        # BatchTopK coders use a learnt threshold at inference, so their L0 is not k.
+        "l0_full": curve[-1]["l0"],
+    }
+
+
+def run(args) -> dict:
+    toy = ToyModel(ToyConfig(seed=args.toy_seed))
+    width = args.width or toy.cfg.n_features
+    x_train, _ = toy.sample(args.train_rows, seed=1000 + args.toy_seed)
+    x_test, f_test = toy.sample(args.test_rows, seed=2000 + args.toy_seed)
+    fixed_sizes = MatryoshkaSparseCoderConfig(matryoshka=True).resolve_nested_sizes(width, args.k)
+    prefix_lens = sorted({1, 2, *fixed_sizes, *(2**i for i in range(width.bit_length()) if 2**i < width)})
+    names = [n for n in BASELINES if n in args.baselines]
+    trained = [n for n in names if BASELINES[n] is not None]
+    if "topk_reordered" in names and "topk" not in trained:
+        trained.insert(0, "topk")
+    per_seed: dict[str, list[dict]] = {n: [] for n in names}
+    curves: dict[str, list[list[dict]]] = {n: [] for n in names}
+    bar = tqdm(total=len(trained) * len(args.seeds), desc="toy benchmark", file=sys.stderr)
+    started = time.time()
+    for seed in args.seeds:
+        for name in trained:
+            fields = dict(BASELINES[name])
+            if fields.get("nested_sizes") == "width":
+                fields["nested_sizes"] = [width]
+            cfg = MatryoshkaSparseCoderConfig(num_latents=width, k=args.k, **fields)
+            bar.set_postfix_str(f"{name} seed {seed}")
+            coder = fit_activations(
+                x_train, cfg, batch_size=args.batch_size, epochs=args.epochs, seed=seed,
+                optimizer="adam", lr=args.lr, lr_warmup_steps=10,
+            )
+            variants = [(name, coder)]
+            if name == "topk" and "topk_reordered" in names:
+                reordered, _ = reorder_by_mean_squared_activation(coder, x_train[:8192])
+                variants.append(("topk_reordered", reordered))
+            for vname, c in variants:
+                if vname not in names:
+                    continue
+                curve = prefix_curve(c, x_test, None, prefix_lens, rsa_samples=500)
+                gt = ground_truth_metrics(c, toy, x_test, f_test)
+                per_seed[vname].append(scalar_metrics(gt, curve))
+                curves[vname].append(curve)
+            bar.update()
+    bar.close()
+    summary = {}
+    for name in names:
+        keys = per_seed[name][0].keys()
+        summary[name] = {k: summarise([r[k] for r in per_seed[name]]) for k in keys}
+        summary[name]["fvu_vs_prefix"] = {
+            str(p): summarise([c[i]["fvu"] for c in curves[name]]) for i, p in enumerate(prefix_lens)
+        }
+        summary[name]["rsa_vs_prefix"] = {
+            str(p): summarise([c[i]["rsa"] for c in curves[name]]) for i, p in enumerate(prefix_lens)
+        }
+    anchor = {}
+    if {"batch_topk", "matryoshka_batch_topk"} <= set(names):
+        b = summary["batch_topk"]["absorption_rate"]["mean"]
+        m = summary["matryoshka_batch_topk"]["absorption_rate"]["mean"]
+        anchor = {
+            "paper": {"matryoshka": 0.05, "batch_topk": 0.49, "ratio": 0.05 / 0.49},
+            "toy": {"matryoshka": m, "batch_topk": b, "ratio": m / b if b else float("nan")},
+        }
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "python benchmarks/toy/run.py " + " ".join(sys.argv[1:]),
+        "seconds": round(time.time() - started, 1),
+        "settings": {
+            "toy": asdict(toy.cfg), "width": width, "k": args.k, "train_rows": args.train_rows,
+            "test_rows": args.test_rows, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "seeds": args.seeds, "matryoshka_fixed_sizes": fixed_sizes,
+            "prefix_lens": prefix_lens,
+            "mean_true_l0": float((f_test > 0).sum(1).float().mean()),
+        },
+        "anchor": anchor,
+        "summary": summary,
+        "per_seed": per_seed,
+    }
+
+
+def plot(result: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    names = list(summary)
+    panels = [("absorption_rate", "absorption rate (lower is better)"),
+              ("split_fraction", "features split into >=2 latents"),
+              ("best_cosine", "mean best-match cosine (higher is better)"),
+              ("fvu_full", "FVU, full width")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.2))
+    for ax, (key, label) in zip(axes, panels):
+        means = [summary[n][key]["mean"] for n in names]
+        stds = [summary[n][key]["std"] for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    n_seeds = len(result["settings"]["seeds"])
+    fig.suptitle(f"Hierarchical toy, width {result['settings']['width']}, k {result['settings']['k']}: "
+                 f"mean ± std over {n_seeds} seeds")
+    fig.tight_layout()
+    _save(fig, out_dir / "absorption.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, n in enumerate(names):
+        for ax, key in zip(axes, ("fvu_vs_prefix", "rsa_vs_prefix")):
+            P = [int(p) for p in summary[n][key]]
+            m = [summary[n][key][str(p)]["mean"] for p in P]
+            s = [summary[n][key][str(p)]["std"] for p in P]
+            ax.errorbar(P, m, yerr=s, marker="o", ms=3, capsize=2, label=n, color=f"C{i}")
+    axes[0].set(xscale="log", xlabel="prefix length (latents kept)", ylabel="FVU", title="FVU vs prefix")
+    axes[1].set(xscale="log", xlabel="prefix length (latents kept)", ylabel="RSA", title="RSA vs prefix")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_dir / "fvu_vs_prefix.png")
+    plt.close("all")
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+
+
+def table(result: dict) -> str:
+    s = result["summary"]
+    fmt = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
+    lines = [
+        "| baseline | absorption | parent miss | split fraction | best cosine | cosine parents | cosine children | FVU full | L0 (eval) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, m in s.items():
+        lines.append(
+            f"| {n} | {fmt(m['absorption_rate'])} | {fmt(m['parent_miss_rate'])} | {fmt(m['split_fraction'])} "
+            f"| {fmt(m['best_cosine'])} | {fmt(m['best_cosine_parents'])} | {fmt(m['best_cosine_children'])} "
+            f"| {fmt(m['fvu_full'])} | {fmt(m['l0_full'])} |"
+        )
+    P = list(next(iter(s.values()))["fvu_vs_prefix"])
+    lines += ["", "FVU at each prefix length (mean ± std over seeds):", "",
+              "| baseline | " + " | ".join(f"P={p}" for p in P) + " |",
+              "|---|" + "---|" * len(P)]
+    for n, m in s.items():
+        lines.append(f"| {n} | " + " | ".join(f"{m['fvu_vs_prefix'][p]['mean']:.3f} ± {m['fvu_vs_prefix'][p]['std']:.3f}" for p in P) + " |")
+    if a := result.get("anchor"):
+        lines += ["", f"Anchor: paper absorption Matryoshka/BatchTopK = 0.05/0.49 (ratio {a['paper']['ratio']:.2f}); "
+                  f"toy = {a['toy']['matryoshka']:.3f}/{a['toy']['batch_topk']:.3f} (ratio {a['toy']['ratio']:.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=lambda s: [int(t) for t in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--width", type=int, default=0, help="dictionary width (default: number of true features)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--train-rows", type=int, default=65536)
+    p.add_argument("--test-rows", type=int, default=8192)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--toy-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids contention on shared CPUs)")
+    p.add_argument("--baselines", type=lambda s: s.split(","), default=list(BASELINES))
+    p.add_argument("--out-dir", type=Path, default=HERE)
+    args = p.parse_args(argv)
+    unknown = [b for b in args.baselines if b not in BASELINES]
+    if unknown:
+        p.error(f"unknown baselines {unknown}; allowed: {', '.join(BASELINES)}")
+    torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    write_json(result, args.out_dir / "results.json")
+    plot(result, args.out_dir)
+    (args.out_dir / "table.md").write_text(table(result))
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
