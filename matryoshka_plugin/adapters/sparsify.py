@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_model
+from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
@@ -300,6 +301,16 @@ class MatryoshkaTrainer(Trainer):
         coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
         with building_coders(coder_cls):
             super().__init__(cfg, dataset, model)
+        # sparsify saves mid-step, after the optimiser step and before `global_step`
+        # counts it, so its state.pt is one batch behind and a resume replays a batch.
+        # Remember at which global_step the optimiser last stepped to tell the cases apart.
+        self._stepped_at: int | None = None
+        for opt in self.optimizers:
+            base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
+            base.register_step_post_hook(self._note_optimizer_step)
+
+    def _note_optimizer_step(self, *_):
+        self._stepped_at = self.global_step
 
     def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
         saes = self.saes if saes is None else saes
@@ -323,7 +334,12 @@ class MatryoshkaTrainer(Trainer):
             link_missing(target, tmp)
 
     def _write_checkpoint(self, saes, path: str, rank_zero: bool):
-        super()._checkpoint(saes, path, rank_zero)
+        mid_step = self._stepped_at is not None and self._stepped_at == self.global_step
+        self.global_step += mid_step  # batches consumed, as resume counts them
+        try:
+            super()._checkpoint(saes, path, rank_zero)
+        finally:
+            self.global_step -= mid_step
         if coders := self._matryoshka_coders(saes):
             torch.save(
                 {n: c.matryoshka_state() for n, c in coders.items()},
@@ -335,6 +351,21 @@ class MatryoshkaTrainer(Trainer):
         # checkpoint under a sibling name; put it back first.
         recover_dir(path)
         super().load_state(path)
+        for opt in self.optimizers:
+            if isinstance(opt, ScheduleFreeWrapper):
+                # The saved weights are the averaged (eval) point x. sparsify loads
+                # them into a wrapper already in train mode, so training would go on
+                # from x instead of y; redo the x -> y swap that a live run does after
+                # each save.
+                opt.train_mode = False
+                opt.train()
+        if self.cfg.k_decay_steps and self.global_step:
+            # sparsify sets each coder's k after a step and does not save it.
+            self.global_step -= 1
+            k = self.get_current_k()
+            self.global_step += 1
+            for sae in self.saes.values():
+                sae.cfg.k = k
         state_file = Path(path) / MATRYOSHKA_STATE_FILE
         if (coders := self._matryoshka_coders()) and state_file.exists():
             state = torch.load(state_file, weights_only=False)
