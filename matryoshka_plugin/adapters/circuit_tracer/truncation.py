@@ -117,9 +117,16 @@ def set_prefix_len(obj, prefix_len: int | None) -> None:
     if not isinstance(tc, TranscoderSet):
         raise TypeError(f"expected a TranscoderSet or CrossLayerTranscoder, got {type(tc).__name__}")
     for transcoder in tc:
-        if not isinstance(transcoder.activation_function, PrefixActivation):
-            transcoder.activation_function = PrefixActivation(transcoder.activation_function)
-        transcoder.activation_function.prefix_len = prefix_len
+        act = transcoder.activation_function
+        if prefix_len is None:
+            # Unwrap, so that upstream's isinstance(JumpReLU) checks (to_safetensors)
+            # see the original module again.
+            if isinstance(act, PrefixActivation):
+                transcoder.activation_function = act.base
+            continue
+        if not isinstance(act, PrefixActivation):
+            transcoder.activation_function = act = PrefixActivation(act)
+        act.prefix_len = prefix_len
 
 
 @contextmanager
@@ -151,6 +158,7 @@ def reusing_setup_forward(model) -> Iterator[None]:
     error vectors when they are installed) still run per prefix.
     """
     original = model.run_with_hooks
+    shadowed = model.__dict__.get("run_with_hooks")
     memo: dict = {}
 
     def run_with_hooks(tokens, *args, fwd_hooks=(), **kwargs):
@@ -180,7 +188,10 @@ def reusing_setup_forward(model) -> Iterator[None]:
     try:
         yield
     finally:
-        model.__dict__.pop("run_with_hooks", None)
+        if shadowed is None:
+            model.__dict__.pop("run_with_hooks", None)
+        else:
+            model.run_with_hooks = shadowed
 
 
 class PrefixGraph(NamedTuple):
