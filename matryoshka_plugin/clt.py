@@ -13,7 +13,6 @@ Console script: ``matryoshka-clt cache|train|export|eval`` (``--help`` on each).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
