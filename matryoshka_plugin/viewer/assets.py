@@ -30,8 +30,8 @@ class AssetError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class VendoredFile:
-    """One JavaScript file taken from an npm package."""
+class NpmFile:
+    """One file taken from a pinned npm registry package."""
 
     package: str
     """npm package name."""
@@ -41,34 +41,76 @@ class VendoredFile:
     """The registry's sha512 integrity of the package tarball."""
     member: str
     """Path of the file inside the tarball."""
+
+
+@dataclass(frozen=True)
+class VendoredScript:
+    """A script served under ``vendor/`` in place of one of index.html's CDN scripts."""
+
     local_name: str
-    """File name under ``vendor/`` in the served asset directory."""
+    """File name under ``vendor/``."""
     replaces: str
-    """Substring of the CDN script URL in circuit-tracer's index.html this file stands in for."""
-    wrap_commonjs_as: str | None = None
-    """Global name to expose a CommonJS module under (npyjs ships no browser bundle)."""
+    """Substring of the CDN script URL in circuit-tracer's index.html it stands in for."""
+    sources: tuple[NpmFile, ...]
+    """Package files it is made of."""
+    kind: str = "plain"
+    """plain: the file as is; npyjs: CommonJS exposed as ``window.npyjs``; jetpack:
+    d3-jetpack's CommonJS build bound to the page's d3 (see ``_compose``)."""
 
 
-# transformer-circuits.pub's d3.js is d3 v7 and its jetpack_2024-07-20.js d3-jetpack; the
-# jetpack package's "d3v7+jetpack" build defines the whole d3 namespace with jetpack's
-# selection helpers (appendMany, at, st, nestBy, ...). npy_v0.js exposes ``npyjs.parse``,
-# which npyjs's CommonJS build exports.
+D3 = NpmFile("d3", "7.9.0", "sha512-e1U46jVP+w7Iut8Jt8ri1YsPOvFpg46k+K8TpCb0P+zjCkjkPnV7WzfDJzMHy1LnA+wj5pLT1wjO901gLXeEhA==", "package/dist/d3.min.js")
+JETPACK = NpmFile("d3-jetpack", "2.3.0", "sha512-P6cgpLIKudalA5sohATXeZ78fHWcmXbAyPXYNIvxi8lc6qjRaNMggx1O/tcdIBTyTM26pTMpHPJI0N1FhPIzTg==", "package/build/d3-jetpack.cjs")
+COLLECTION = NpmFile("d3-collection", "1.0.7", "sha512-ii0/r5f4sjKNTfh84Di+DpztYwqKhEyUlKoPrzUFfeSkWxjW49xU2QzO9qrPrNkpdI0XJkfzvmTu8V2Zylln6A==", "package/dist/d3-collection.js")
+NPYJS = NpmFile("npyjs", "1.2.0", "sha512-HrooNo+/Q7Vx/gQFaSoiveX0xVkYlQ+jOcgp2WhfGt1C8qdANeK480Sl0s2RWe0+Hf532h45BEitCX3jkddK2Q==", "package/dist/index.cjs")
+DAGRE = NpmFile("dagre", "0.8.5", "sha512-/aTqmnRta7x7MCCpExk7HQL2O4owCT2h8NT//9I1OQ9vt29Pa0BzSAkR5lwFUcQ7491yVi/3CXU9jQ5o0Mn2Sw==", "package/dist/dagre.min.js")
+PAKO = NpmFile("pako", "2.1.0", "sha512-w+eufiZ1WuJYgPXbV/PO3NCMEc3xqylkKHzp8bxp1uW4qaSNQUkwmLLEc3kKsfz8lpV1F8Ht3U1Cm+9Srog2ug==", "package/dist/pako.min.js")
+
+# transformer-circuits.pub serves d3 v7 (d3.js), a d3-jetpack build (jetpack_*.js) and a
+# small .npy reader exposing ``npyjs.parse`` (npy_*.js). d3-jetpack's browser builds do not
+# work with a global d3 v7: the UMD global branch replaces ``window.d3`` with an empty
+# object, and the "d3v7+jetpack" bundle patches a second, unused copy of d3-selection.
+# So its CommonJS build is run with ``require`` bound to the page's d3 (and d3-collection,
+# which its ``nestBy`` needs), and its own functions are added to ``window.d3``.
 VENDORED = (
-    VendoredFile("d3", "7.9.0", "sha512-e1U46jVP+w7Iut8Jt8ri1YsPOvFpg46k+K8TpCb0P+zjCkjkPnV7WzfDJzMHy1LnA+wj5pLT1wjO901gLXeEhA==",
-                 "package/dist/d3.min.js", "d3.min.js", "static_js/lib/d3.js"),
-    VendoredFile("d3-jetpack", "2.3.0", "sha512-P6cgpLIKudalA5sohATXeZ78fHWcmXbAyPXYNIvxi8lc6qjRaNMggx1O/tcdIBTyTM26pTMpHPJI0N1FhPIzTg==",
-                 "package/build/d3v7+jetpack.js", "d3v7-jetpack.js", "static_js/lib/jetpack_"),
-    VendoredFile("npyjs", "1.2.0", "sha512-HrooNo+/Q7Vx/gQFaSoiveX0xVkYlQ+jOcgp2WhfGt1C8qdANeK480Sl0s2RWe0+Hf532h45BEitCX3jkddK2Q==",
-                 "package/dist/index.cjs", "npyjs.js", "static_js/lib/npy_", wrap_commonjs_as="npyjs"),
-    VendoredFile("dagre", "0.8.5", "sha512-/aTqmnRta7x7MCCpExk7HQL2O4owCT2h8NT//9I1OQ9vt29Pa0BzSAkR5lwFUcQ7491yVi/3CXU9jQ5o0Mn2Sw==",
-                 "package/dist/dagre.min.js", "dagre.min.js", "unpkg.com/dagre@"),
-    VendoredFile("pako", "2.1.0", "sha512-w+eufiZ1WuJYgPXbV/PO3NCMEc3xqylkKHzp8bxp1uW4qaSNQUkwmLLEc3kKsfz8lpV1F8Ht3U1Cm+9Srog2ug==",
-                 "package/dist/pako.min.js", "pako.min.js", "unpkg.com/pako@"),
+    VendoredScript("d3.min.js", "static_js/lib/d3.js", (D3,)),
+    VendoredScript("d3-jetpack.js", "static_js/lib/jetpack_", (COLLECTION, JETPACK), kind="jetpack"),
+    VendoredScript("npyjs.js", "static_js/lib/npy_", (NPYJS,), kind="npyjs"),
+    VendoredScript("dagre.min.js", "unpkg.com/dagre@", (DAGRE,)),
+    VendoredScript("pako.min.js", "unpkg.com/pako@", (PAKO,)),
 )
 # A live-reload client for the page authors' own dev server: nothing to stand in for.
 DROPPED_SCRIPTS = ("hotserver-client-ws.js",)
 PLUGIN_SCRIPTS = ("matryoshka-viewer.js",)
 PLUGIN_STYLES = ("matryoshka-viewer.css",)
+
+
+def _commonjs(src: str) -> str:
+    return f"(function () {{ var module = {{exports: {{}}}}, exports = module.exports;\n{src}\nreturn module.exports; }})()"
+
+
+def _compose(script: VendoredScript, texts: list[str]) -> str:
+    if script.kind == "plain":
+        return texts[0]
+    if script.kind == "npyjs":
+        return f"window.npyjs = {_commonjs(texts[0])};\n"
+    collection, jetpack = texts
+    return (
+        "(function () {\n"
+        f"  var collection = {_commonjs(collection)};\n"
+        "  var require = function (name) { return name === 'd3-collection' ? collection : window.d3 };\n"
+        f"  var jetpack = (function (require) {{ return {_commonjs(jetpack)} }})(require);\n"
+        "  for (var k in collection) if (!(k in window.d3)) window.d3[k] = collection[k];\n"
+        "  for (var k in jetpack) if (!(k in window.d3)) window.d3[k] = jetpack[k];\n"
+        # The pub's jetpack build gives conventions() a c.drawAxis(svg = c.svg) method;
+        # the npm build has only the free function drawAxis(c).
+        "  var conventions = jetpack.conventions;\n"
+        "  window.d3.conventions = function (c) {\n"
+        "    c = conventions(c);\n"
+        "    c.drawAxis = function (svg) { return jetpack.drawAxis(Object.assign(Object.create(c), {svg: svg || c.svg})) };\n"
+        "    return c;\n"
+        "  };\n"
+        "})();\n"
+    )
 
 
 def cache_dir() -> Path:
@@ -106,13 +148,26 @@ def _npm_pack(spec: str, dest: Path) -> Path:
     return dest / name
 
 
-def vendored_missing(root: Path | None = None) -> list[VendoredFile]:
+def vendored_missing(root: Path | None = None) -> list[VendoredScript]:
     d = vendor_dir(root)
     return [v for v in VENDORED if not (d / v.local_name).is_file()]
 
 
+def _fetch(f: NpmFile, tmp: Path, progress) -> str:
+    progress(f"npm pack {f.package}@{f.version} ({f.member})")
+    tgz = _npm_pack(f"{f.package}@{f.version}", tmp)
+    data = tgz.read_bytes()
+    if _sha512(data) != f.integrity:
+        raise AssetError(f"{f.package}@{f.version}: tarball integrity {_sha512(data)} != pinned {f.integrity}")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.extractfile(f.member)
+        if member is None:
+            raise AssetError(f"{f.package}@{f.version} has no {f.member}")
+        return member.read().decode()
+
+
 def vendor(root: Path | None = None, force: bool = False, progress=print) -> Path:
-    """Fetch the pinned npm packages and extract the viewer's library files; returns the dir."""
+    """Fetch the pinned npm packages and write the viewer's library scripts; returns the dir."""
     out = vendor_dir(root)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,24 +175,10 @@ def vendor(root: Path | None = None, force: bool = False, progress=print) -> Pat
             target = out / v.local_name
             if target.is_file() and not force:
                 continue
-            progress(f"npm pack {v.package}@{v.version} -> {target}")
-            tgz = _npm_pack(f"{v.package}@{v.version}", Path(tmp))
-            data = tgz.read_bytes()
-            if _sha512(data) != v.integrity:
-                raise AssetError(f"{v.package}@{v.version}: tarball integrity {_sha512(data)} != pinned {v.integrity}")
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                member = tar.extractfile(v.member)
-                if member is None:
-                    raise AssetError(f"{v.package}@{v.version} has no {v.member}")
-                text = member.read()
-            if v.wrap_commonjs_as:
-                text = (
-                    f"window.{v.wrap_commonjs_as} = (function () {{ var module = {{exports: {{}}}}, "
-                    f"exports = module.exports;\n".encode() + text + b"\nreturn module.exports; })();\n"
-                )
+            text = _compose(v, [_fetch(f, Path(tmp), progress) for f in v.sources])
             fd, part = tempfile.mkstemp(dir=out, prefix=f".{v.local_name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(text)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
             os.replace(part, target)
     return out
 
@@ -176,7 +217,9 @@ def rewrite_index(html: str) -> str:
     marker = "<script>\nwindow.init = async function"
     if marker not in html:
         raise AssetError("circuit-tracer's index.html has changed: cannot find where window.init is defined")
-    return html.replace(marker, styles + scripts + marker, 1)
+    # An empty icon: otherwise the browser asks the server for /favicon.ico (a 404).
+    icon = "<link rel='icon' href='data:,'>\n"
+    return html.replace(marker, icon + styles + scripts + marker, 1)
 
 
 def build_frontend(root: Path | None = None, auto_vendor: bool = True) -> Path:

@@ -33,6 +33,11 @@ class MatryoshkaGraphHandler(CircuitGraphHandler):
 
     def _do_GET(self):
         path = self.path.split("?")[0]
+        if path == "/favicon.ico":
+            # Browsers ask for it whatever the page says; no icon, and no 404 in the console.
+            self.send_response(204)
+            self.end_headers()
+            return
         for prefix in ("/data/", "/graph_data/"):
             if path.startswith(prefix):
                 return self._data(path[len(prefix):])
@@ -62,12 +67,8 @@ class MatryoshkaGraphHandler(CircuitGraphHandler):
         if local.suffix != ".json" or VIEWER_DIR in parts:
             return super()._do_GET()
         data = json.loads(local.read_text())
-        if rel == "graph-metadata.json":
-            for g in data.get("graphs", []):
-                if g.get("scan") is not None:
-                    g["original_scan"] = g["scan"]
-                    g["scan"] = local_scan(g["scan"])
-        elif isinstance(data.get("metadata"), dict) and "scan" in data["metadata"]:
+        # graph-metadata.json keeps its scan: the graph menu only shows it as a name.
+        if isinstance(data.get("metadata"), dict) and "scan" in data["metadata"]:
             meta = data["metadata"]
             meta["original_scan"] = meta["scan"]
             meta["scan"] = local_scan(meta["scan"])

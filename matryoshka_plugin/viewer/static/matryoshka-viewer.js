@@ -29,6 +29,9 @@
     set(fn) { realInit = fn },
   })
   async function wrappedInit() {
+    // Set before the first fetch: util.getFile sends ./data/ requests on localhost to a
+    // CDN unless the page says it is served locally (circuit-tracer's init sets it later).
+    window.isLocalServing = true
     MV.graphs = (await util.getFile('./data/graph-metadata.json', false)).graphs
     ensureBar()
     return realInit.apply(this, arguments)
