@@ -417,7 +417,9 @@ def main(argv=None):
     if a.merge and old.exists():
         prev = json.loads(old.read_text())
         kept = [r for r in prev["rows"] if r["suite"] not in suites]
-        runs = [m for m in prev["meta"].get("runs", [prev["meta"]]) if set(m.get("suites", [])) - set(suites)]
+        runs = [{**m, "suites": [s for s in m.get("suites", []) if s not in suites]}
+                for m in prev["meta"].get("runs", [prev["meta"]])]
+        runs = [m for m in runs if m["suites"]]
         rows = kept + rows
         meta = {**meta, "runs": runs + [{**meta, "suites": suites}]}
     else:
