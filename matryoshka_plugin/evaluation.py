@@ -654,12 +654,16 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plot_path = args.plot or args.out.with_suffix(".png")
     try:
+        # Checked before the (long) evaluation, which would otherwise fail at the end.
+        for flag, path in (("--out", args.out), ("--plot", plot_path)):
+            if not path.parent.is_dir():
+                raise UsageError(f"{flag} {path}: {path.parent} is not a directory")
         result = run(args)
     except UsageError as e:
         print(f"matryoshka-eval: error: {e}", file=sys.stderr)
         return 2
-    plot_path = args.plot or args.out.with_suffix(".png")
     write_json(result, args.out)
     plot_report(result, plot_path, title=str(args.checkpoint))
     fvus = ", ".join(f"P={r['prefix_len']}: {r['fvu']:.4f}" for r in result["prefix"])
