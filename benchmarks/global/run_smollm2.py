@@ -1,0 +1,128 @@
+"""Global graph and causal checks per prefix on SmolLM2-135M with the attribution run's
+Matryoshka transcoders (``benchmarks/attribution/run_smollm2.py`` leaves them under
+``$MATRYOSHKA_CACHE/attribution-bench``: a sparsify run ``demo/checkpoints/austen`` with one
+transcoder per MLP layer, width 1152, k 32, nested sizes 72/144/288/576/1152, and its
+circuit-tracer export ``export-topk``).
+
+1. ``matryoshka-global`` on the Austen corpus for layers ``--global-layers`` (the pair
+   statistics grow with layers^2 * k^2 per token, so a few layers on a CPU).
+2. Causal checks (``matryoshka_plugin.causal.prefix_causal_report``) on the circuit-tracer
+   ``ReplacementModel``: for each prefix length, the strongest active features inside the
+   prefix are ablated (factor 0) and doubled (factor 2); mechanistic fidelity (cosine,
+   normalised MSE of the last layer's residual change, original vs local replacement
+   model) and the last-token logit change of constrained and iterative patching.
+
+Usage: python benchmarks/global/run_smollm2.py [--prefix-lens 72 288 1152] [--n-tokens 3000]
+Writes results/smollm2_global/ (edge lists, plots) and results/smollm2_causal.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).parent
+PROMPTS = ["The capital of France is", "Mr. Darcy looked at Elizabeth and"]
+
+
+def main() -> None:
+    from matryoshka_plugin.offline import cache_dir
+
+    bench = cache_dir() / "attribution-bench"
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=str(bench / "demo" / "checkpoints" / "austen"))
+    ap.add_argument("--export", default=str(bench / "export-topk"))
+    ap.add_argument("--prefix-lens", type=int, nargs="+", default=[72, 288, 1152])
+    ap.add_argument("--global-layers", default="0-3")
+    ap.add_argument("--n-tokens", type=int, default=3000)
+    ap.add_argument("--n-features", type=int, default=4)
+    ap.add_argument("--skip-global", action="store_true")
+    args = ap.parse_args()
+    res = HERE / "results"
+    res.mkdir(exist_ok=True)
+    meta = dict(
+        command="python benchmarks/global/run_smollm2.py " + " ".join(sys.argv[1:]),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} shared 2-core CPU",
+        checkpoint=args.checkpoint,
+    )
+    if not args.skip_global:
+        from matryoshka_plugin.global_graph import main as global_main
+
+        start = time.perf_counter()
+        rc = global_main([
+            args.checkpoint, "--corpus", "austen", "--model", "smollm2", "--layers", args.global_layers,
+            "--prefix-len", *map(str, args.prefix_lens), "--n-tokens", str(args.n_tokens), "--ctx-len", "128",
+            "--out", str(res / "smollm2_global"), "--overwrite",
+        ])
+        if rc:
+            sys.exit(rc)
+        meta["global_seconds"] = time.perf_counter() - start
+
+    from matryoshka_plugin.adapters.circuit_tracer import load_local_replacement_model
+    from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+    from matryoshka_plugin.causal import prefix_causal_report
+
+    start = time.perf_counter()
+    tc, _ = load_transcoders_dir(args.export)
+    model = load_local_replacement_model("smollm2", tc)
+    meta["load_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = prefix_causal_report(model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features)
+    meta["causal_seconds"] = time.perf_counter() - start
+    (res / "smollm2_causal.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [
+        f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
+        f"SmolLM2-135M, Matryoshka TopK transcoders from the attribution run ({args.checkpoint}); prompts {PROMPTS};",
+        f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= 1).",
+        "",
+        "| P | factor | patches | fidelity cosine (median) | cosine (min) | NMSE (median) | constrained |dlogit| (median) | iterative |dlogit| (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for p in args.prefix_lens:
+        for f in (0.0, 2.0):
+            sel = [r for r in rows if r["prefix_len"] == p and r["factor"] == f and r["cosine"] == r["cosine"]]
+            if not sel:
+                continue
+            cos, nmse = [r["cosine"] for r in sel], [r["nmse"] for r in sel]
+            summary[(p, f)] = (statistics.median(cos), statistics.median(nmse))
+            lines.append(
+                f"| {p} | {f:g} | {len(sel)} | {statistics.median(cos):.3f} | {min(cos):.3f} | {statistics.median(nmse):.3f} "
+                f"| {statistics.median(r['constrained_logit_change'] for r in sel):.3f} | {statistics.median(r['iterative_logit_change'] for r in sel):.3f} |"
+            )
+    lines += ["", "Patched features (P, prompt, layer, position, feature, factor, cosine, NMSE):", ""]
+    lines += [
+        f"- P={r['prefix_len']} '{r['prompt'][:20]}' L{r['layer']} pos {r['position']} f{r['feature']} x{r['factor']:g}: "
+        f"cos {r['cosine']:.3f}, NMSE {r['nmse']:.3f}"
+        for r in rows
+    ]
+    (res / "smollm2_causal.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for f, style in ((0.0, "o-"), (2.0, "s--")):
+        ps = [p for p in args.prefix_lens if (p, f) in summary]
+        axes[0].semilogx(ps, [summary[(p, f)][0] for p in ps], style, base=2, label=f"factor {f:g}")
+        axes[1].semilogx(ps, [summary[(p, f)][1] for p in ps], style, base=2, label=f"factor {f:g}")
+    axes[0].set(xlabel="prefix length P", ylabel="median cosine", title="mechanistic fidelity: cosine")
+    axes[1].set(xlabel="prefix length P", ylabel="median normalised MSE", title="mechanistic fidelity: NMSE")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(res / "smollm2_causal.png", dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
