@@ -83,11 +83,13 @@ def cumulative_reconstructions(level_out: Tensor, *, stop_gradient: bool) -> Ten
     With ``stop_gradient`` each level's loss sees the levels before it detached, so its
     gradient reaches only its own latents (the "delta" loss).
     """
-    cum = level_out.cumsum(dim=1)
+    # A lower-triangular [L, L] matmul, not cumsum: on CPU cumsum along the level axis
+    # (and its flip-cumsum-flip backward) cost as much as the whole sparse decode.
+    n_levels = level_out.shape[1]
+    ones = torch.ones(n_levels, n_levels, dtype=level_out.dtype, device=level_out.device)
     if not stop_gradient:
-        return cum
-    previous = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
-    return level_out + previous.detach()
+        return torch.matmul(ones.tril(), level_out)
+    return level_out + torch.matmul(ones.tril(-1), level_out).detach()
 
 
 def nested_fvu(
