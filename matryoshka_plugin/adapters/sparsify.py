@@ -21,7 +21,7 @@ from unittest.mock import patch
 import sparsify.trainer
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
@@ -49,6 +49,7 @@ from ..core import (
 from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
 
 MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 THRESHOLD_KEY = "batch_topk_threshold"
 
 
@@ -408,6 +409,14 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
     coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
     coder = coder_cls(d_in, cfg, device=device)
     try:
+        # load_model casts silently; integer or boolean weights mean a wrong file.
+        with safe_open(str(weights), "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        if bad := {k: t for k, t in dtypes.items() if t not in FLOAT_DTYPES}:
+            raise CheckpointError(
+                f"{weights} holds non-floating tensors {bad}; allowed dtypes: "
+                f"{', '.join(FLOAT_DTYPES)}"
+            )
         load_model(coder, str(weights), device=str(device), strict=True)
     except SafetensorError as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None

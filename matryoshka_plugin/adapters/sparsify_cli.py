@@ -16,6 +16,7 @@ and ``hookpoints`` (upstream's own output) is accepted.
 import argparse
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -68,7 +69,46 @@ def config_problems(cls, data: dict, path: str = "") -> list[str]:
         elif typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
             allowed = ", ".join(map(str, typing.get_args(hint)))
             problems.append(f"{path}{key}={value!r} is not allowed; allowed: {allowed}")
+        elif (expected := _type_problem(hint, value)) is not None:
+            problems.append(f"{path}{key}={value!r} is not allowed; expected {expected}")
     return problems
+
+
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar_ok(tp, value) -> bool:
+    # simple_parsing would turn 3 into True and "8" into 8 without a word; a config
+    # file holds typed JSON/YAML values, so take them only as their own type.
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_problem(hint, value) -> str | None:
+    """What ``value`` should have been, if it does not fit a simple ``hint``; else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None or len(args) != 1:
+            return None
+        hint = args[0]
+        args = list(typing.get_args(hint))
+    if hint in _SCALARS:
+        return None if _scalar_ok(hint, value) else _SCALARS[hint]
+    if typing.get_origin(hint) is list and len(args) == 1 and args[0] in _SCALARS:
+        ok = isinstance(value, list) and all(_scalar_ok(args[0], v) for v in value)
+        return None if ok else f"a list of {_SCALARS[args[0]].removeprefix('a ').removeprefix('an ')}s"
+    return None
 
 
 def read_config_file(path: str) -> MatryoshkaRunConfig:
@@ -92,7 +132,7 @@ def read_config_file(path: str) -> MatryoshkaRunConfig:
         data.pop("layers")
     try:
         return MatryoshkaRunConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         if isinstance(e, MatryoshkaConfigError):
             raise
         raise UsageError(f"--config_path {path}: {e}") from None

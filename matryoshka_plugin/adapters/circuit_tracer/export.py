@@ -167,7 +167,10 @@ def atomic_output_dir(out_dir: Path | str, overwrite: bool = False) -> Iterator[
     if out_dir.exists() and not (out_dir.is_dir() and overwrite):
         what = "directory" if out_dir.is_dir() else "file"
         raise ExportError(f"output {out_dir} already exists ({what}); choose a new path or pass overwrite")
-    tmp = staging_dir(out_dir)
+    try:
+        tmp = staging_dir(out_dir)
+    except OSError as e:  # e.g. a parent that is a regular file
+        raise ExportError(f"cannot create output {out_dir}: {e.strerror} ({e.filename})") from None
     try:
         yield tmp
         # An overwrite is one atomic exchange on Linux; see matryoshka_plugin.atomic.
