@@ -32,9 +32,6 @@ CHROMIUM_FLAGS = [
 PREFIXES = [32, 16, 8]
 FEATURE = "cross layer transcoder"
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(), reason="Debian chromium is not installed (apt-get install -y chromium)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +76,36 @@ def _decomposition(graph_dir):
     return json.loads(path.read_text())
 
 
+def test_viewer_data_covers_every_graph_feature(graph_dir):
+    from circuit_tracer.frontend.graph_models import _cantor_pairing
+
+    decomp = _decomposition(graph_dir)
+    (pages,) = (graph_dir / "matryoshka-viewer").glob("*/features")
+    assert decomp["levels"] == sorted(PREFIXES)
+    for p in PREFIXES:
+        for node_id in _features(_graph(graph_dir, p)):
+            layer, feat, _ = map(int, node_id.split("_"))
+            entry = decomp["features"][f"{layer}_{feat}"]
+            assert entry["appears_at"] == min(q for q in PREFIXES if feat < q)
+            for q, links in entry["children"].items():
+                assert feat < int(q) < 32 and all(l["feature"] >= int(q) for l in links)
+            below = max([q for q in PREFIXES if q <= feat], default=0)
+            assert all(l["feature"] < below for l in entry["parents"])
+            page = json.loads((pages / f"{_cantor_pairing(layer, feat)}.json").read_text())
+            assert page["index"] == _cantor_pairing(layer, feat)
+            examples = page["examples_quantiles"][0]["examples"]
+            tops = [e["tokens_acts_list"][e["train_token_ind"]] for e in examples]
+            assert tops == sorted(tops, reverse=True)
+            if tops:  # the best context holds the latent's largest activation on the corpus
+                assert tops[0] == pytest.approx(page["act_max"], abs=1e-3)
+                assert all(max(e["tokens_acts_list"]) <= page["act_max"] + 1e-3 for e in examples)
+                assert all(len(e["tokens"]) == len(e["tokens_acts_list"]) for e in examples)
+
+
 @pytest.fixture(scope="module")
 def browser_page(graph_dir, tmp_path_factory):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     from matryoshka_plugin.viewer import serve_graphs
 

@@ -77,7 +77,7 @@
       .attr('data-p', d => d.prefix_len)
       .classed('active', d => d.slug === g.slug)
       .text(d => d.prefix_len + (d.width && d.prefix_len === d.width ? ' (full)' : ''))
-      .on('click', (ev, d) => switchTo(d.slug))
+      .on('click', (ev, d) => { MV.notice = ''; switchTo(d.slug) })
     var info = g && g.prefix_len != null
       ? `width ${g.width ?? '?'}` + (g.nested_sizes ? `, nested sizes ${g.nested_sizes.join(', ')}` : '') +
         (g.replacement_score != null ? ` · replacement ${(+g.replacement_score).toFixed(3)}, completeness ${(+g.completeness_score).toFixed(3)}` : '')
