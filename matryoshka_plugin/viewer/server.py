@@ -97,3 +97,27 @@ def serve_graphs(graph_dir, port: int = DEFAULT_PORT, *, frontend_dir=None, host
     server.url = f"http://{host}:{server.port}/"
     server.frontend_dir = frontend
     return server
+
+
+def run_server(args) -> None:
+    """Stand-in for circuit-tracer's ``__main__.run_server`` (``start-server`` and
+    ``attribute --server``): serves ``args.graph_file_dir`` with ``serve_graphs`` until Ctrl+C."""
+    import logging
+    import sys
+    import time
+
+    from .assets import AssetError
+
+    try:
+        server = serve_graphs(args.graph_file_dir, args.port)
+    except (AssetError, FileNotFoundError, OSError) as e:
+        print(f"circuit-tracer-matryoshka: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    run_server.server = server  # lets tests reach the running server
+    logging.info(f"Serving the Matryoshka viewer for {Path(args.graph_file_dir).absolute()} at {server.url}")
+    print(f"Matryoshka viewer: {server.url} (Ctrl+C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        server.stop()

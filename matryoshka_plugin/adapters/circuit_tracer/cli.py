@@ -308,6 +308,12 @@ def run_attribution(args, parser) -> None:
         logging.info(f"Graph JSON files written to {args.graph_file_dir}")
 
 
+def _viewer_run_server(args) -> None:
+    from ...viewer.server import run_server
+
+    run_server(args)
+
+
 @contextmanager
 def _plugin_cli(argv: list[str] | None):
     import circuit_tracer.__main__ as ct_main
@@ -325,6 +331,8 @@ def _plugin_cli(argv: list[str] | None):
     with (
         patch.object(argparse.ArgumentParser, "parse_args", parse_args),
         patch.object(ct_main, "run_attribution", run_attribution),
+        # start-server and attribute --server: the plugin's multi-level offline viewer.
+        patch.object(ct_main, "run_server", _viewer_run_server),
     ):
         yield ct_main
 
