@@ -156,7 +156,7 @@ def sweep(trials: int, seconds: float, in_place: bool, seed: int) -> list[dict]:
 
 def test_sigkill_during_checkpoints_always_leaves_a_loadable_checkpoint():
     proc = subprocess.run(
-        [sys.executable, __file__, "--trials", "25", "--seconds", "45"],
+        [sys.executable, __file__, "--trials", "16", "--seconds", "30"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ working directory, where default outputs would land).
 an output path under a regular file (``file.txt/out``) is unwritable for anyone.
 
 Each CLI's ``main(argv)`` is called in-process (a subprocess costs ~30 s of imports
-here); ``test_console_scripts_exit_cleanly`` runs two real subprocesses.
+here); ``test_console_scripts_exit_cleanly`` runs one real subprocess.
 """
 
 import json
@@ -244,7 +244,7 @@ _json_values = st.recursive(
 _field_names = st.sampled_from([*BAD_FIELD_VALUES, "k", "num_latents", "activation", "bogus"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sae=st.dictionaries(_field_names, _json_values, max_size=4))
 def test_fuzzed_config_dicts_load_or_fail_with_one_line(sae, tmp_path):
     path = tmp_path / "fuzz.json"
@@ -264,11 +264,10 @@ def test_fuzzed_config_dicts_load_or_fail_with_one_line(sae, tmp_path):
 
 
 def test_console_scripts_exit_cleanly(tmp_path):
-    """Two real processes: the installed entry points keep the contract too."""
+    """A real process: the installed entry point keeps the contract too."""
     bindir = Path(sys.executable).parent
     for script, argv in [
         ("sparsify-matryoshka", ["gpt2", "data", "--prefix_schedule", "sometimes"]),
-        ("matryoshka-eval", ["missing_run", "--data", "missing.safetensors"]),
     ]:
         proc = subprocess.run([str(bindir / script), *argv], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300)
