@@ -84,3 +84,33 @@ def test_server_points_scans_at_local_feature_pages(served):
 def test_missing_graph_dir_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         serve_graphs(tmp_path / "nope", port=0, frontend_dir=tmp_path)
+
+
+def test_cli_start_server_uses_the_viewer(served, tmp_path, monkeypatch, capsys):
+    import matryoshka_plugin.viewer.server as server_mod
+    from matryoshka_plugin.adapters.circuit_tracer.cli import main
+
+    _, meta = served
+    front = tmp_path / "front"
+    monkeypatch.setattr(server_mod, "build_frontend", lambda: front)
+    seen = {}
+
+    def sleep(_):
+        srv = server_mod.run_server.server
+        seen["index"] = _get(srv, "/index.html")
+        seen["graph"] = json.loads(_get(srv, "/graph_data/g-p4.json")[1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("time.sleep", sleep)
+    main(["start-server", "--graph_file_dir", str(tmp_path / "graphs"), "--port", "0"])
+    assert seen["index"] == (200, b"ok")
+    assert seen["graph"]["metadata"]["scan"] == local_scan("/abs/tc")  # the plugin's handler answered
+    assert "Matryoshka viewer: http://localhost:" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        main(["start-server", "--graph_file_dir", str(tmp_path / "missing"), "--port", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"circuit-tracer-matryoshka: error: graph directory {tmp_path / 'missing'} does not exist"
+    ]
