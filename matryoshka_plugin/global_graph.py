@@ -96,10 +96,11 @@ def mlp_norm_gains(model, layers: Iterable[int]) -> dict[int, Tensor | None]:
 
 
 def corpus_token_batches(
-    tokenizer, corpus: str | Path, ctx_len: int, batch_size: int
+    tokenizer, corpus: str | Path, ctx_len: int, batch_size: int, max_tokens: int | None = None
 ) -> Iterable[Tensor]:
     """``[batch, ctx_len]`` token batches of a text file, a folder of ``.txt`` files, or
-    ``austen`` (the offline Jane Austen corpus). Raises on a corpus with no tokens."""
+    ``austen`` (the offline Jane Austen corpus). Raises on a corpus with no tokens.
+    Tokenizing stops once ``max_tokens`` (plus one row) are in hand."""
     if ctx_len < 2:
         raise GlobalGraphError(f"--ctx-len {ctx_len} is too small; allowed: 2 or more")
     if str(corpus) == "austen":
@@ -119,6 +120,8 @@ def corpus_token_batches(
             raise GlobalGraphError(f"corpus {path} is not a file, a folder of .txt files, or 'austen'")
     ids: list[int] = []
     for text in texts:
+        if max_tokens is not None and len(ids) >= max_tokens + ctx_len:
+            break
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     # Each row starts with BOS (position 0 is dropped from the statistics later).
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         from .offline import load_pretrained, load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        batches = corpus_token_batches(tokenizer, args.corpus, args.ctx_len, args.batch_size)
+        batches = corpus_token_batches(tokenizer, args.corpus, args.ctx_len, args.batch_size, args.n_tokens)
         model = load_pretrained(args.model)
         d_model = model.config.hidden_size
         bad = [l for l, c in coders.items() if c.d_in != d_model]
