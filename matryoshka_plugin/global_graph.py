@@ -238,17 +238,19 @@ def edge_rows(graph: list[LayerEdges]) -> list[dict]:
     rows = []
     for le in graph:
         e = le.edges
-        for n in range(e.source.numel()):
+        # One .tolist() per column: per-element tensor indexing is slow for 10^5 edges.
+        cols = zip(e.source.tolist(), e.target.tolist(), e.virtual_weight.tolist(), e.era.tolist(), e.twera.tolist(), e.coactive_count.tolist())
+        for s, t, vw, era, twera, count in cols:
             rows.append(
                 dict(
                     source_layer=le.source_layer,
-                    source=int(e.source[n]),
+                    source=s,
                     target_layer=le.target_layer,
-                    target=int(e.target[n]),
-                    virtual_weight=float(e.virtual_weight[n]),
-                    era=float(e.era[n]),
-                    twera=float(e.twera[n]),
-                    coactive_count=int(e.coactive_count[n]),
+                    target=t,
+                    virtual_weight=vw,
+                    era=era,
+                    twera=twera,
+                    coactive_count=count,
                 )
             )
     return rows
