@@ -12,6 +12,7 @@ Needs: apt-get install -y chromium; pip install playwright (never `playwright in
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -119,7 +120,10 @@ def browser_page(graph_dir, tmp_path_factory):
         page.on("response", lambda r: r.status >= 400 and events["failed"].append(f"{r.url} {r.status}"))
         page.on("console", lambda m: m.type == "error" and events["errors"].append(m.text))
         page.on("pageerror", lambda e: events["errors"].append(str(e)))
-        yield page, server, events, tmp_path_factory.mktemp("screenshots")
+        # MATRYOSHKA_VIEWER_SHOTS: keep the screenshots there too (tiny-model figures).
+        shots = Path(os.environ.get("MATRYOSHKA_VIEWER_SHOTS") or tmp_path_factory.mktemp("screenshots"))
+        shots.mkdir(parents=True, exist_ok=True)
+        yield page, server, events, shots
         browser.close()
     server.stop()
 

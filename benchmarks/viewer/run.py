@@ -72,7 +72,9 @@ def main() -> int:
     # The most influential feature node of the coarsest graph that has refining latents.
     feats = [n for n in data[smallest["prefix_len"]]["nodes"] if n["feature_type"] == "cross layer transcoder"]
     feats.sort(key=lambda n: n["influence"])
-    focus = next(n for n in feats if decomp["features"].get("_".join(n["node_id"].split("_")[:2]), {}).get("children", {}).get(str(smallest["prefix_len"])))
+    focus = next((n for n in feats if decomp["features"].get("_".join(n["node_id"].split("_")[:2]), {}).get("children", {}).get(str(smallest["prefix_len"]))), None)
+    if focus is None:
+        print(f"the P={smallest['prefix_len']} graph has no feature node with refining latents: no decomposition screenshot")
 
     server = serve_graphs(work, port=0)
     shots, counts, errors = [], {}, []
@@ -100,6 +102,9 @@ def main() -> int:
                 out = HERE / f"smollm2-p{g['prefix_len']}.png"
                 save_png(page, out)
                 shots.append(out.name)
+            if focus is None:
+                browser.close()
+                raise SystemExit(2)
             n = page.evaluate("matryoshkaViewer.renders")
             page.click(f".mv-prefix[data-p='{smallest['prefix_len']}']")
             rendered(smallest["slug"], n)
@@ -126,6 +131,8 @@ def main() -> int:
         "machine": f"{platform.node()} {platform.machine()}, CPU only",
         "graphs": {g["prefix_len"]: g["slug"] for g in graphs},
         "rendered_nodes_per_prefix": counts,
+        "graphs_dir": args.graphs,
+        "feature_nodes_per_prefix": {p: sum(n["feature_type"] == "cross layer transcoder" for n in d["nodes"]) for p, d in data.items()},
         "focus_node": focus["node_id"],
         "viewer_data_build_seconds": round(build_s, 1),
         "corpus_tokens": decomp["corpus_tokens"],
