@@ -1,5 +1,6 @@
 """Property tests of the nested decode: one embedding_bag equals naive per-prefix decodes."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,15 @@ from matryoshka_plugin.core import (
     truncate_sparse,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_default():
+    """Exact-ish comparisons in float64, without leaking the default to other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @st.composite

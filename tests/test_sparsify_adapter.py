@@ -315,3 +315,23 @@ def test_matryoshka_false_trains_stock_coders(tiny_llama_dir, tmp_path):
     )
     trainer = MatryoshkaTrainer(cfg, data, model)
     assert type(trainer.saes["layers.0.mlp"]) is SparseCoder
+
+
+def test_batch_topk_without_matryoshka_is_plain_batch_topk(tiny_llama_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_llama_dir)
+    data = Dataset.from_dict({"input_ids": torch.randint(2, 90, (8, 16))}).with_format("torch")
+    cfg = MatryoshkaTrainConfig(
+        sae=MatryoshkaSparseCoderConfig(num_latents=32, k=4, batch_topk=True), batch_size=4,
+        hookpoints=["layers.0.mlp"], log_to_wandb=False, save_dir=str(tmp_path),
+    )
+    coder = MatryoshkaTrainer(cfg, data, model).saes["layers.0.mlp"]
+    assert isinstance(coder, MatryoshkaSparseCoder)
+    x = torch.randn(10, 16)
+    out = coder(x)
+    assert (out.latent_acts > 0).sum() == 4 * 10  # k x batch over the whole batch
+    assert coder.last_level_fvu is None  # no nested loss: plain BatchTopK
+    coder.save_to_disk(tmp_path / "c")
+    assert type(load_coder(tmp_path / "c")) is MatryoshkaSparseCoder

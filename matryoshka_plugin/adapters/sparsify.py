@@ -165,26 +165,27 @@ class MatryoshkaSparseCoder(SparseCoder):
             recons = cumulative_reconstructions(
                 levels, stop_gradient=self.cfg.stop_gradient
             )
-            recons = recons + self.b_dec
+        # Every level less the shared b_dec (and skip term): forward moves those to
+        # the target once instead of adding them to each level.
         self._level_recons = recons
-        # sparsify adds the skip term to the returned tensor in place: hand it a copy.
-        return recons[:, -1].clone()
+        return recons[:, -1] + self.b_dec
 
     def _prefix_decoder_recons(
         self, top_acts: Tensor, top_indices: Tensor, sizes: list[int]
     ) -> Tensor:
+        """Each level through its own decoder, plus its bias offset from b_dec."""
         inner = iter(zip(self.W_dec_levels, self.b_dec_levels))
-        W_decs, biases = [], []
+        W_decs, offsets = [], []
         for s in sizes:
             if 0 < s < self.num_latents:
                 W, b_offset = next(inner)
                 W_decs.append(W)
-                biases.append(self.b_dec + b_offset)
+                offsets.append(b_offset)
             else:
                 W_decs.append(self.W_dec[:s])
-                biases.append(self.b_dec)
+                offsets.append(torch.zeros_like(self.b_dec))
         recons = prefix_decodes(top_acts, top_indices, W_decs, sizes)
-        return recons + torch.stack(biases)
+        return recons + torch.stack(offsets)
 
     # sparsify's forward is wrapped in this autocast; a subclass forward is not.
     @torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
@@ -211,12 +212,13 @@ class MatryoshkaSparseCoder(SparseCoder):
             self._pending_sizes = self._level_recons = None
         if y is None:
             y = x
-        if self.W_skip is not None:
-            recons = recons + (x.to(self.dtype) @ self.W_skip.mT)[:, None, :]
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
+        # sae_out = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
+        # as a function (values and gradients) without recomputing the skip matmul.
+        target = y - out.sae_out + recons[:, -1]
         weights = self.cfg.normalised_level_weights(len(sizes))
-        loss, level_fvu = nested_fvu(recons, y, total_variance, weights)
+        loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
         return out._replace(fvu=loss)
 
@@ -287,6 +289,12 @@ def prefix_fvu(
     return result
 
 
+def coder_class(cfg) -> type[SparseCoder]:
+    """The plugin coder when any plugin feature is on, else stock sparsify's."""
+    plugin = getattr(cfg, "matryoshka", False) or getattr(cfg, "batch_topk", False)
+    return MatryoshkaSparseCoder if plugin else SparseCoder
+
+
 @contextmanager
 def building_coders(coder_cls: type[SparseCoder]):
     """Make sparsify's ``Trainer.__init__`` build ``coder_cls`` (it hard-codes the class)."""
@@ -295,12 +303,10 @@ def building_coders(coder_cls: type[SparseCoder]):
 
 
 class MatryoshkaTrainer(Trainer):
-    """sparsify's ``Trainer``; builds Matryoshka coders when ``cfg.sae.matryoshka``."""
+    """sparsify's ``Trainer``; builds plugin coders when ``cfg.sae`` asks for them."""
 
     def __init__(self, cfg: TrainConfig, dataset, model):
-        matryoshka = getattr(cfg.sae, "matryoshka", False)
-        coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
-        with building_coders(coder_cls):
+        with building_coders(coder_class(cfg.sae)):
             super().__init__(cfg, dataset, model)
         # sparsify saves mid-step, after the optimiser step and before `global_step`
         # counts it, so its state.pt is one batch behind and a resume replays a batch.
@@ -400,13 +406,12 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
     path = recover_path(path)  # a crash mid checkpoint swap leaves it under a sibling name
     cfg_dict, d_in = read_coder_config(path)
     threshold = cfg_dict.pop(THRESHOLD_KEY, None)
-    matryoshka = bool(cfg_dict.get("matryoshka", False))
-    cfg_cls = MatryoshkaSparseCoderConfig if matryoshka else SparseCoderConfig
+    coder_cls = coder_class(SimpleNamespace(**cfg_dict))
+    cfg_cls = SparseCoderConfig if coder_cls is SparseCoder else MatryoshkaSparseCoderConfig
     cfg = cfg_cls.from_dict(cfg_dict, drop_extra_fields=True)
     weights = path / "sae.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found")
-    coder_cls = MatryoshkaSparseCoder if matryoshka else SparseCoder
     coder = coder_cls(d_in, cfg, device=device)
     try:
         # load_model casts silently; integer or boolean weights mean a wrong file.
