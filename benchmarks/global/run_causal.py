@@ -39,9 +39,15 @@ def mlp_io(model, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.T
 
     mlps = mlp_modules(model)
     got = {l: ([], []) for l in mlps}
-    handles = []
-    for l, (_, m) in mlps.items():
-        handles.append(m.register_forward_hook(lambda mod, a, o, l=l: (got[l][0].append(a[0][:, 1:].reshape(-1, a[0].shape[-1])), got[l][1].append(o[:, 1:].reshape(-1, o.shape[-1])))))
+    def record(l):
+        # Returns None: a forward hook's return value would replace the MLP output.
+        def hook(mod, args, out):
+            got[l][0].append(args[0][:, 1:].reshape(-1, args[0].shape[-1]))
+            got[l][1].append(out[:, 1:].reshape(-1, out.shape[-1]))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(l)) for l, (_, m) in mlps.items()]
     with torch.no_grad():
         for b in tokens.split(64):
             model(input_ids=b)
