@@ -54,6 +54,11 @@ def _files(root: Path) -> set[str]:
 def work(tmp_path, monkeypatch):
     """A directory with good and broken inputs; the working directory of each case."""
     monkeypatch.chdir(tmp_path)
+    # No network here: fail hub look-ups at once instead of after ~45 s of retries.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     cfg = MatryoshkaSparseCoderConfig(matryoshka=True, num_latents=32, k=4, nested_sizes=[8, 16])
     coder = MatryoshkaSparseCoder(16, cfg)

@@ -94,6 +94,7 @@ def test_resumed_losses_equal_an_uninterrupted_run_step_for_step(case, tmp_path)
     cfg = MatryoshkaSparseCoderConfig(matryoshka=True, num_latents=32, k=4, **fields)
     full = _train(tmp_path / "full", cfg, optimizer)
     assert len(full) == TOTAL_STEPS
+    assert any(auxk > 0 for _, auxk in full[STEPS_BEFORE:]), "no dead latents: counters untested"
 
     first = _train(tmp_path / "cut", cfg, optimizer, stop_after=STEPS_BEFORE)
     assert first[:STEPS_BEFORE] == full[:STEPS_BEFORE]
