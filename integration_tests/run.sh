@@ -60,7 +60,9 @@ for entry in "${UPSTREAM[@]}"; do
         # outside any git repository, git apply works on plain files
         if ! log="$(cd "$WORK/$stem" && git apply --check --verbose "$patch" 2>&1)"; then
             echo "FAILED: patches/$patch_dir/$(basename "$patch") no longer applies to $name $version:" >&2
-            grep -E "^error:|patch failed|does not apply|does not exist" <<<"$log" >&2 || echo "$log" >&2
+            # git names the file and hunk ("error: patch failed: <file>:<line>") and
+            # prints the context it searched for
+            echo "$log" >&2
             exit 1
         fi
         (cd "$WORK/$stem" && git apply "$patch")
