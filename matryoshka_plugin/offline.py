@@ -26,6 +26,7 @@ import sys
 import tempfile
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,15 +162,35 @@ def load_pretrained(
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    loaded = cls.from_pretrained(resolve_model(model), dtype=dtype)
+    name = resolve_model(model)
+    with _hub_errors(name):
+        loaded = cls.from_pretrained(name, dtype=dtype)
     return loaded.to(device).eval()
+
+
+@contextmanager
+def _hub_errors(name: str):
+    """A model name that is neither local nor reachable on the hub, as one line."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OfflineAssetError(
+            f"model {name!r} is not a local folder or .gguf file and could not be loaded "
+            f"from the hub ({first}); give a Hugging Face model folder, a .gguf file, "
+            f"a hub name, or {SMOLLM2!r}"
+        ) from None
 
 
 def load_tokenizer(model: str | Path = SMOLLM2):
     """The tokenizer that goes with ``load_pretrained(model)``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(model))
+    name = resolve_model(model)
+    with _hub_errors(name):
+        return AutoTokenizer.from_pretrained(name)
 
 
 # ---------------------------------------------------------------------------
