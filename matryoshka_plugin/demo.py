@@ -218,12 +218,16 @@ def run(args) -> dict:
     """Train, evaluate, write outputs; the results dict (also written as JSON)."""
     _check_args(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise DemoError(f"--out {out}: {existing} is a file, not a directory")
     layers = sorted(args.layers)
     t0, cpu0 = time.perf_counter(), time.process_time()
 
     tokenizer = load_tokenizer(args.model)
     base = load_pretrained(args.model, causal_lm=False, device=args.device)
+    # Created only once the model has loaded, so a bad --model leaves nothing behind.
+    out.mkdir(parents=True, exist_ok=True)
     truncate_layers(base, layers[-1] + 1)
     # Separator/BOS positions carry outlier activations and no text; leave them out.
     exclude = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None})
