@@ -114,10 +114,6 @@ def _expect_rejected(capsys, work: Path, prog: str, argv: list[str], names: str)
     assert _files(work) == before, sorted(_files(work) - before)
 
 
-def _known(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # (prog, argv, text the error must name). Paths are relative to the fixture directory.
 CASES = [
     # sparsify-matryoshka: config fields as flags and files
@@ -177,17 +173,14 @@ CASES = [
     ("matryoshka-clt", ["train", "--cache", "missing_cache", "--save_dir", "out"], "missing_cache"),
     ("matryoshka-clt", ["export", "missing_clt", "out"], "missing_clt"),
     ("matryoshka-clt", ["eval", "missing_clt", "missing_cache"], "missing_clt"),
-    pytest.param("matryoshka-clt", ["cache", "--out", "c", "--dataset", "random", "--model", "missing_model"], "missing_model",
-                 marks=_known("offline.load_pretrained sends a name that is no local folder to the hub; offline that is a urllib3/HF OSError traceback")),
+    ("matryoshka-clt", ["cache", "--out", "c", "--dataset", "random", "--model", "missing_model"], "missing_model"),
     ("matryoshka-clt", ["cache", "--out", "c", "--layers", "a-b"], "a-b"),
     # matryoshka-demo
     ("matryoshka-demo", ["--steps", "0"], "steps"),
     ("matryoshka-demo", ["--k", "64", "--num-latents", "32"], "k"),
-    pytest.param("matryoshka-demo", ["--model", "missing_model_dir/"], "missing_model_dir",
-                 marks=_known("offline.resolve_model passes 'missing_model_dir/' to the hub: HFValidationError traceback; demo also creates --out before loading the model")),
+    ("matryoshka-demo", ["--model", "missing_model_dir/"], "missing_model_dir"),
     ("matryoshka-demo", ["--optimizer", "sgd"], "sgd"),
-    pytest.param("matryoshka-demo", ["--out", "file.txt/out", "--steps", "1"], "file.txt",
-                 marks=_known("demo.run calls out.mkdir() unguarded: NotADirectoryError traceback")),
+    ("matryoshka-demo", ["--out", "file.txt/out", "--steps", "1"], "file.txt"),
 ]
 
 
