@@ -258,13 +258,17 @@ def prefix_causal_report(
     *,
     factors: Sequence[float] = (0.0, 2.0),
     n_features: int = 4,
+    show_progress: bool = True,
 ) -> list[dict]:
     """Per prefix length: fidelity and logit effects of patching the strongest features.
 
     Features come from the truncated model (so they lie inside the prefix) and from
     layers before the last (so there is something downstream).
     """
+    from tqdm.auto import tqdm
+
     rows = []
+    bar = tqdm(total=len(prefix_lens) * len(prompts), desc="causal checks (prefix x prompt)", disable=not show_progress)
     for p in prefix_lens:
         for prompt in prompts:
             tokens = tokenize(model, prompt)
@@ -291,6 +295,8 @@ def prefix_causal_report(
                             iterative_logit_change=float(it.last_logit_change().norm()),
                         )
                     )
+            bar.update()
+    bar.close()
     return rows
 
 
