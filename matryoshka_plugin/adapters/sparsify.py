@@ -342,6 +342,7 @@ class MatryoshkaTrainer(Trainer):
         # counts it, so its state.pt is one batch behind and a resume replays a batch.
         # Remember at which global_step the optimiser last stepped to tell the cases apart.
         self._stepped_at: int | None = None
+        self._resume_k: int | None = None
         for opt in self.optimizers:
             base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
             base.register_step_post_hook(self._note_optimizer_step)
@@ -397,12 +398,17 @@ class MatryoshkaTrainer(Trainer):
                 opt.train_mode = False
                 opt.train()
         if self.cfg.k_decay_steps and self.global_step:
-            # sparsify sets each coder's k after a step and does not save it.
+            # A live run's step s uses the k computed after step s-1; fit() starts with
+            # the k of step s itself, and the current k is not saved.
             self.global_step -= 1
-            k = self.get_current_k()
+            self._resume_k = super().get_current_k()
             self.global_step += 1
-            for sae in self.saes.values():
-                sae.cfg.k = k
+
+    def get_current_k(self) -> int:
+        if (k := self._resume_k) is not None:  # once, for fit()'s first call after resume
+            self._resume_k = None
+            return k
+        return super().get_current_k()
         state_file = Path(path) / MATRYOSHKA_STATE_FILE
         if (coders := self._matryoshka_coders()) and state_file.exists():
             state = torch.load(state_file, weights_only=False)
