@@ -403,17 +403,17 @@ class MatryoshkaTrainer(Trainer):
             self.global_step -= 1
             self._resume_k = super().get_current_k()
             self.global_step += 1
+        state_file = Path(path) / MATRYOSHKA_STATE_FILE
+        if (coders := self._matryoshka_coders()) and state_file.exists():
+            state = torch.load(state_file, weights_only=False)
+            for name, coder in coders.items():
+                coder.load_matryoshka_state(state[name])
 
     def get_current_k(self) -> int:
         if (k := self._resume_k) is not None:  # once, for fit()'s first call after resume
             self._resume_k = None
             return k
         return super().get_current_k()
-        state_file = Path(path) / MATRYOSHKA_STATE_FILE
-        if (coders := self._matryoshka_coders()) and state_file.exists():
-            state = torch.load(state_file, weights_only=False)
-            for name, coder in coders.items():
-                coder.load_matryoshka_state(state[name])
 
 
 class CheckpointError(ValueError):
