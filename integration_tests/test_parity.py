@@ -4,8 +4,11 @@ The patched packages import as ``sparsify`` / ``circuit_tracer``, the same names
 stock packages the plugin builds on, and the plugin's subclasses would stack on top of
 the patched classes (the patched forward would call the plugin's overrides). So each
 side runs in its own process and venv, and the tensors cross over as safetensors files.
-Comparisons are exact (``torch.equal``): both sides run the same torch build, one
-thread, deterministic algorithms.
+Both sides run the same torch build, one thread, deterministic algorithms. Graphs,
+checkpoint layouts, configs, integer tensors and the sampler state are compared
+exactly; floating-point losses, gradients and weights to float32 rounding
+(rtol 1e-5, atol 1e-6): the plugin subtracts ``b_dec`` from the target once where the
+patch adds it to every level, which moves the last bit.
 """
 
 import json
@@ -35,12 +38,21 @@ def run_side(python: str, script: str, *args) -> None:
     assert proc.returncode == 0, f"{script} {args[:2]} failed:\n{proc.stderr[-4000:]}"
 
 
-def assert_same_tensors(ours: dict, theirs: dict, what: str) -> None:
+def assert_same_tensors(ours: dict, theirs: dict, what: str, exact: bool = True) -> None:
     assert sorted(ours) == sorted(theirs), f"{what}: different tensor names"
     for key in ours:
         a, b = ours[key], theirs[key]
         assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {key} {a.shape} vs {b.shape}"
-        assert torch.equal(a, b), f"{what}: {key} differs (max |diff| {(a.double() - b.double()).abs().max():.3g})"
+        if key.endswith("latent_indices") or key.endswith("latent_acts"):
+            # topk(sorted=False) may list the same latents in another order
+            a, order_a = ours[key.replace("acts", "indices")].sort(dim=-1)
+            b, order_b = theirs[key.replace("acts", "indices")].sort(dim=-1)
+            if key.endswith("latent_acts"):
+                a, b = ours[key].gather(-1, order_a), theirs[key].gather(-1, order_b)
+        if exact or not a.is_floating_point():
+            assert torch.equal(a, b), f"{what}: {key} differs"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {key}: {m}")
 
 
 # -- sparsify --------------------------------------------------------------------------
@@ -70,24 +82,46 @@ def sparsify_cases():
 CASE_NAMES, TRAIN_NAMES = sparsify_cases()
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+# The plugin (matryoshka_plugin/adapters/sparsify.py, forward) builds its nested target
+# from out.sae_out, which sparsify overwrites with the 4k multi-TopK decode when
+# multi_topk=True: its nested loss then measures the wrong reconstruction. strict: once
+# the plugin is fixed this XPASSes and fails, so the mark gets removed.
+PLUGIN_BUGS = {
+    "uniform_multi_topk": "plugin's nested target uses sparsify's multi-TopK sae_out",
+}
+
+
+def with_plugin_bugs(names):
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(reason=PLUGIN_BUGS[n], strict=True))
+        if n in PLUGIN_BUGS
+        else n
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("case", with_plugin_bugs(CASE_NAMES))
 def test_losses_outputs_and_gradients_match(sparsify_runs, case):
     plugin, patched, _ = sparsify_runs
     ours = load_file(str(patched / f"{case}.safetensors"))
     theirs = load_file(str(plugin / f"{case}.safetensors"))
     assert any(k.startswith("0.grad.") for k in ours)  # gradients were recorded
-    assert_same_tensors(ours, theirs, case)
+    exact = {k: v for k, v in ours.items() if k == "sampler_state"}
+    assert_same_tensors(exact, {k: theirs[k] for k in exact}, case)
+    assert_same_tensors(ours, theirs, case, exact=False)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("case", with_plugin_bugs(CASE_NAMES))
 def test_coder_checkpoints_match_and_cross_load(sparsify_runs, case):
     plugin, patched, _ = sparsify_runs
     ours, theirs = patched / case / "coder", plugin / case / "coder"
     assert json.loads((ours / "cfg.json").read_text()) == json.loads((theirs / "cfg.json").read_text())
     assert_same_tensors(
-        load_file(str(ours / "sae.safetensors")), load_file(str(theirs / "sae.safetensors")), case
+        load_file(str(ours / "sae.safetensors")), load_file(str(theirs / "sae.safetensors")),
+        case, exact=False,
     )
     # the plugin's checkpoint, loaded by the patched stock-API loader, runs identically
+    # (eval mode: same weights, same code path, so exactly)
     loaded = load_file(str(patched / f"{case}.loaded.safetensors"))
     recorded = load_file(str(plugin / f"{case}.safetensors"))
     assert torch.equal(loaded["eval.sae_out"], recorded["eval.sae_out"])
@@ -106,6 +140,7 @@ def test_trainer_checkpoints_match(sparsify_runs, case):
             load_file(str(ours / hook / "sae.safetensors")),
             load_file(str(theirs / hook / "sae.safetensors")),
             f"{case}/{hook}",
+            exact=False,
         )
     assert torch.load(ours / "state.pt") == torch.load(theirs / "state.pt")
     opt_ours = torch.load(ours / "optimizer_0.pt", weights_only=False)["state"]
@@ -113,7 +148,7 @@ def test_trainer_checkpoints_match(sparsify_runs, case):
     assert opt_ours.keys() == opt_theirs.keys()
     for i in opt_ours:
         for name, value in opt_ours[i].items():
-            assert torch.equal(value, opt_theirs[i][name]), f"optimizer state {i}.{name}"
+            torch.testing.assert_close(value, opt_theirs[i][name], rtol=1e-4, atol=1e-7)
     m_ours = torch.load(ours / "matryoshka_state.pt", weights_only=False)
     m_theirs = torch.load(theirs / "matryoshka_state.pt", weights_only=False)
     assert m_ours.keys() == m_theirs.keys()
@@ -121,7 +156,7 @@ def test_trainer_checkpoints_match(sparsify_runs, case):
         assert torch.equal(
             m_ours[hook]["sampler"]["generator"], m_theirs[hook]["sampler"]["generator"]
         )
-        assert torch.equal(
+        torch.testing.assert_close(
             m_ours[hook]["batch_topk_threshold"], m_theirs[hook]["batch_topk_threshold"]
         )
 
