@@ -72,12 +72,13 @@ def test_single_full_width_level_is_exactly_sparsify(kwargs):
     sizes=st.lists(st.integers(1, 47), unique=True, min_size=1, max_size=4).map(sorted),
     transcode=st.booleans(),
     bias_level=st.booleans(),
+    multi_topk=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_level_fvus_equal_truncated_plain_decodes(sizes, transcode, bias_level, seed):
+def test_level_fvus_equal_truncated_plain_decodes(sizes, transcode, bias_level, multi_topk, seed):
     ours, _ = make_pair(
         seed, matryoshka=True, nested_sizes=sizes, transcode=transcode,
-        skip_connection=transcode, bias_level=bias_level,
+        skip_connection=transcode, bias_level=bias_level, multi_topk=multi_topk,
     )
     x, y = torch.randn(16, D_IN), torch.randn(16, D_IN)
     target = y if transcode else None

@@ -147,6 +147,7 @@ class MatryoshkaSparseCoder(SparseCoder):
         )
         self._pending_sizes: list[int] | None = None
         self._level_recons: Tensor | None = None
+        self._full_recon: Tensor | None = None
         self.last_level_fvu: Tensor | None = None
         self.last_sizes: list[int] | None = None
 
@@ -198,7 +199,10 @@ class MatryoshkaSparseCoder(SparseCoder):
         # Every level less the shared b_dec (and skip term): forward moves those to
         # the target once instead of adding them to each level.
         self._level_recons = recons
-        return recons[:, -1] + self.b_dec
+        # Kept because sparsify adds the skip term to it in place, and with multi-TopK
+        # it returns a different reconstruction as sae_out.
+        self._full_recon = recons[:, -1] + self.b_dec
+        return self._full_recon
 
     def _prefix_decoder_recons(
         self, top_acts: Tensor, top_indices: Tensor, sizes: list[int]
@@ -237,16 +241,16 @@ class MatryoshkaSparseCoder(SparseCoder):
             out = super().forward(
                 x, y, dead_mask=dead_mask, total_variance=total_variance
             )
-            recons = self._level_recons
+            recons, full_recon = self._level_recons, self._full_recon
         finally:
-            self._pending_sizes = self._level_recons = None
+            self._pending_sizes = self._level_recons = self._full_recon = None
         if y is None:
             y = x
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
-        # sae_out = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
+        # full_recon = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
         # as a function (values and gradients) without recomputing the skip matmul.
-        target = y - out.sae_out + recons[:, -1]
+        target = y - full_recon + recons[:, -1]
         weights = self.cfg.normalised_level_weights(len(sizes))
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
