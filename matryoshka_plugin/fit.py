@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .atomic import recover_dir
 from .adapters.sparsify import (
     MatryoshkaSparseCoderConfig,
     MatryoshkaTrainConfig,
@@ -132,7 +133,8 @@ def fit_activations(
     model = ActivationReplay(x.to(device), None if y is None else y.to(device))
     trainer = MatryoshkaTrainer(train_cfg, dataset, model)
     run_dir = Path(train_cfg.save_dir) / run_name
-    if resume and (run_dir / "state.pt").exists():
+    # A crash mid checkpoint swap leaves the run under a sibling name until recovered.
+    if resume and (recover_dir(run_dir) / "state.pt").exists():
         trainer.load_state(str(run_dir))
     if save_dir is None:
         trainer.save = lambda: None  # no checkpoint was asked for
