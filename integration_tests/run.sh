@@ -89,9 +89,10 @@ PY="$VENV/bin/python"
 pip_q "$PY" install --no-deps --no-build-isolation --force-reinstall \
     "$WORK/eai_sparsify-1.3.3" "$WORK/circuit_tracer-0.5.0"
 "$PY" - <<'PY'
-import importlib.metadata as md, pathlib, circuit_tracer, sparsify
-assert "matryoshka" in pathlib.Path(sparsify.__file__).with_name("config.py").read_text()
-assert hasattr(circuit_tracer.transcoder.activation_functions, "PrefixTruncation")
+import importlib.metadata as md
+from circuit_tracer.transcoder.activation_functions import PrefixTruncation  # patched in
+from sparsify import SparseCoderConfig
+assert "matryoshka" in SparseCoderConfig.__dataclass_fields__, "stock sparsify installed"
 print("patched:", "eai-sparsify", md.version("eai-sparsify"), "| circuit-tracer", md.version("circuit-tracer"))
 PY
 

@@ -82,25 +82,7 @@ def sparsify_cases():
 CASE_NAMES, TRAIN_NAMES = sparsify_cases()
 
 
-# The plugin (matryoshka_plugin/adapters/sparsify.py, forward) builds its nested target
-# from out.sae_out, which sparsify overwrites with the 4k multi-TopK decode when
-# multi_topk=True: its nested loss then measures the wrong reconstruction. strict: once
-# the plugin is fixed this XPASSes and fails, so the mark gets removed.
-PLUGIN_BUGS = {
-    "uniform_multi_topk": "plugin's nested target uses sparsify's multi-TopK sae_out",
-}
-
-
-def with_plugin_bugs(names):
-    return [
-        pytest.param(n, marks=pytest.mark.xfail(reason=PLUGIN_BUGS[n], strict=True))
-        if n in PLUGIN_BUGS
-        else n
-        for n in names
-    ]
-
-
-@pytest.mark.parametrize("case", with_plugin_bugs(CASE_NAMES))
+@pytest.mark.parametrize("case", CASE_NAMES)
 def test_losses_outputs_and_gradients_match(sparsify_runs, case):
     plugin, patched, _ = sparsify_runs
     ours = load_file(str(patched / f"{case}.safetensors"))
@@ -111,7 +93,7 @@ def test_losses_outputs_and_gradients_match(sparsify_runs, case):
     assert_same_tensors(ours, theirs, case, exact=False)
 
 
-@pytest.mark.parametrize("case", with_plugin_bugs(CASE_NAMES))
+@pytest.mark.parametrize("case", CASE_NAMES)
 def test_coder_checkpoints_match_and_cross_load(sparsify_runs, case):
     plugin, patched, _ = sparsify_runs
     ours, theirs = patched / case / "coder", plugin / case / "coder"
