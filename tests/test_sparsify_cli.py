@@ -42,6 +42,15 @@ def test_saved_config_json_feeds_back_and_resume_reads_save_dir(tmp_path, tiny_l
     main(args)
     saved = json.loads((ck / "r" / "config.json").read_text())
     assert saved["layers"] and saved["hookpoints"]  # upstream writes both back
+    # With a stride, the saved hookpoints are already strided: reading the file back
+    # must keep them all, not stride them again.
+    strided = tmp_path / "strided.json"
+    strided.write_text(json.dumps({**saved, "layers": [0, 1], "layer_stride": 2,
+                                   "hookpoints": ["layers.0", "layers.1"]}))
+    from matryoshka_plugin.adapters.sparsify_cli import read_config_file
+
+    reread = read_config_file(str(strided))
+    assert reread.hookpoints == ["layers.0", "layers.1"] and reread.layer_stride == 1
     sampler_before = torch.load(ck / "r" / "matryoshka_state.pt", weights_only=False)
     # The saved file, fed back with --resume, continues from {save_dir}/{run_name}.
     main([str(tiny_llama_dir), str(text_dir), "--config_path", str(ck / "r" / "config.json"),

@@ -126,10 +126,12 @@ def read_config_file(path: str) -> MatryoshkaRunConfig:
         raise UsageError(f"--config_path {path} must hold a mapping of config fields")
     if problems := config_problems(MatryoshkaRunConfig, data):
         raise UsageError(f"--config_path {path}: {'; '.join(problems)}")
-    # sparsify's Trainer writes the hookpoints it derived from `layers` back into the
-    # config it saves; feeding that file back in would trip its own assert.
+    # sparsify's Trainer writes the hookpoints it derived from `layers` (already
+    # strided) back into the config it saves; feeding that file back in would trip its
+    # own assert, or stride the hookpoints a second time.
     if data.get("layers") and data.get("hookpoints"):
         data.pop("layers")
+        data["layer_stride"] = 1
     try:
         return MatryoshkaRunConfig.from_dict(data)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
