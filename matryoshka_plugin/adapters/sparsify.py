@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
-from sparsify.fused_encoder import EncoderOutput, FusedEncoder
+from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
 from ..atomic import (
@@ -86,31 +86,6 @@ def _group_size_check(cfg: SparseCoderConfig, sizes: list[int], width: int) -> N
         )
 
 
-class SelectedLatents(torch.autograd.Function):
-    """Activations already picked from ``relu(x @ weight.T + bias)`` at ``indices``.
-
-    The backward is sparsify's own sparse ``FusedEncoder.backward``, touching only the
-    picked entries (padding, at activation 0, gets no gradient). Letting autograd
-    differentiate the dense pre-activations instead made BatchTopK 2.2x slower than
-    TopK in benchmarks/training_cost.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, values, indices):
-        ctx.save_for_backward(x, weight, bias, indices, values > 0)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        x, weight, bias, indices, live = ctx.saved_tensors
-        fused_ctx = SimpleNamespace(
-            saved_tensors=(x, weight, bias, indices),
-            needs_input_grad=ctx.needs_input_grad[:3],
-        )
-        grads = FusedEncoder.backward(fused_ctx, grad_values * live, None, None)
-        return *grads[:3], None, None
-
-
 class MatryoshkaSparseCoder(SparseCoder):
     """A sparsify ``SparseCoder`` trained with the Matryoshka nested loss.
 
@@ -167,20 +142,20 @@ class MatryoshkaSparseCoder(SparseCoder):
             return super().encode(x)
         if not self.cfg.transcode:
             x = x - self.b_dec
-        W, b = self.encoder.weight, self.encoder.bias
-        # Like sparsify's fused encoder, pre_acts carry no gradient (so AuxK trains the
-        # decoder only); the picked activations get theirs through SelectedLatents.
-        with torch.no_grad():
-            pre_acts = encode_pre_acts(x, W, b)
-            if self.training:
-                values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
+        pre_acts = encode_pre_acts(x, self.encoder.weight, self.encoder.bias)
+        if self.training:
+            values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
+            with torch.no_grad():
                 m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold
                 t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
-            else:
-                threshold = self.batch_topk_threshold.clamp_min(0)
-                values, indices = threshold_select(pre_acts, threshold)
-        values = SelectedLatents.apply(x, W, b, values, indices)
-        return EncoderOutput(values, indices, pre_acts)
+        else:
+            threshold = self.batch_topk_threshold.clamp_min(0)
+            values, indices = threshold_select(pre_acts, threshold)
+        # The picked values are differentiated densely: sparsify's sparse backward was
+        # no faster here, as BatchTopK pads tokens to the batch's largest count. The
+        # returned pre_acts carry no gradient, as from sparsify's fused encoder, so AuxK
+        # trains only the decoder in both paths.
+        return EncoderOutput(values, indices, pre_acts.detach())
 
     # -- decoder: every prefix from one sparse decode ------------------------
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
