@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -197,19 +198,28 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write a file through a temporary sibling and ``os.replace``."""
+def atomic_write(path: Path | str, write: Callable[[str], object]) -> None:
+    """Write a file by calling ``write(tmp_path)`` on a temporary sibling, then rename it in.
+
+    The parent folder is created; on any failure the temporary is removed and ``path``
+    is left as it was.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        _fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

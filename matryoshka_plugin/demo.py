@@ -16,9 +16,7 @@ Outputs under ``--out``:
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, atomic_write_text
 from .adapters.sparsify import (
     MatryoshkaSparseCoderConfig,
     MatryoshkaTrainConfig,
@@ -118,17 +117,6 @@ def collect_mlp_activations(
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_prefix_fvu(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -154,7 +142,7 @@ def plot_prefix_fvu(results: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="hookpoint (circles: nested sizes)", fontsize=8, title_fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -302,8 +290,7 @@ def run(args) -> dict:
     results["settings"]["total_seconds"] = round(time.perf_counter() - t0, 1)
     results["settings"]["total_cpu_seconds"] = round(time.process_time() - cpu0, 1)
 
-    _atomic_write(out / RESULTS_JSON,
-                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
     plot_prefix_fvu(results, out / RESULTS_PNG)
     return results
 

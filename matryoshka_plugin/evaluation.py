@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import operator
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .atomic import atomic_write, atomic_write_text
 from .core.truncation import check_prefix_len, truncate_sparse
 
 DEFAULT_CHUNK = 4096
@@ -486,24 +486,12 @@ def plot_report(result: dict, path: str | Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary sibling, then rename, so no half-written file is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(obj, path: str | Path) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # -- CLI ------------------------------------------------------------------------

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,6 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_dir
 from .decomposition import coactivation_counts, decompose, decomposition_json
 
 VIEWER_DIR = "matryoshka-viewer"
@@ -127,11 +126,6 @@ def _token_strings(tokenizer, ids: torch.Tensor) -> list[str]:
     return [process_token(tokenizer.decode([int(t)])) for t in ids]
 
 
-def _atomic_dir(final: Path):
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
 def build_viewer_data(
     graph_dir: str | os.PathLike,
     model,
@@ -199,8 +193,7 @@ def build_viewer_data(
     outputs = []
     for scan, info in per_scan.items():
         final = graph_dir / VIEWER_DIR / scan_id(scan)
-        tmp = _atomic_dir(final)
-        try:
+        with atomic_dir(final) as tmp:
             feat_dir = tmp / "features"
             feat_dir.mkdir()
             levels = sorted(info["levels"]) or [width]
@@ -234,11 +227,6 @@ def build_viewer_data(
                 "score": "|cosine| * coactivation (overlap coefficient of active-token sets)",
                 "features": decomp,
             }))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         outputs.append(final)
     return outputs
 

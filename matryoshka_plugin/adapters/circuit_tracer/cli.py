@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest.mock import patch
 
+from ...atomic import atomic_write, atomic_write_text
 from ...core.config import MatryoshkaConfigError
 from ...core.truncation import check_prefix_len
 from ..sparsify import CheckpointError
@@ -157,18 +158,6 @@ def _with_suffix(path: str, prefix_len: int | None) -> Path:
     return p if prefix_len is None else p.with_name(f"{p.stem}-p{prefix_len}{p.suffix}")
 
 
-def _save_atomic(write, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_graph_files(entries, graph_file_dir, node_threshold: float, edge_threshold: float) -> None:
     """``create_graph_files`` for each ``(slug, graph, extra_metadata)``, all or nothing.
 
@@ -290,10 +279,10 @@ def run_attribution(args, parser) -> None:
     if args.graph_output_path:
         for r in results:
             path = _with_suffix(args.graph_output_path, r.prefix_len)
-            _save_atomic(r.graph.to_pt, path)
+            atomic_write(path, r.graph.to_pt)
             logging.info(f"Saved graph to {path}")
         scores_path = Path(args.graph_output_path).with_suffix(".scores.json")
-        _save_atomic(lambda t: Path(t).write_text(json.dumps(rows, indent=2)), scores_path)
+        atomic_write_text(scores_path, json.dumps(rows, indent=2))
     if create_files:
         entries = []
         for r, row in zip(results, rows):
@@ -304,7 +293,7 @@ def run_attribution(args, parser) -> None:
                 entries.append((f"{args.slug}-p{r.prefix_len}", r.graph, extra))
         write_graph_files(entries, args.graph_file_dir, args.node_threshold, args.edge_threshold)
         scores_path = Path(args.graph_file_dir) / f"{args.slug}.scores.json"
-        _save_atomic(lambda t: Path(t).write_text(json.dumps(rows, indent=2)), scores_path)
+        atomic_write_text(scores_path, json.dumps(rows, indent=2))
         logging.info(f"Graph JSON files written to {args.graph_file_dir}")
 
 
