@@ -14,8 +14,19 @@ CORPUS = (
 ) * 40
 
 
-def build_tokenizer(vocab_size: int = 96):
-    """A byte-level BPE tokenizer trained on CORPUS, as a transformers tokenizer."""
+def build_tokenizer(
+    text: str = CORPUS,
+    vocab_size: int = 96,
+    *,
+    bos: str = "<|endoftext|>",
+    eos: str = "<|endoftext|>",
+    pad: str | None = "<pad>",
+):
+    """A byte-level BPE tokenizer trained on ``text``, as a transformers tokenizer.
+
+    Special tokens take the first ids in the order pad, bos, eos; with the defaults the
+    BOS/EOS id is 1, as circuit-tracer needs a non-zero BOS id.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,17 +35,12 @@ def build_tokenizer(vocab_size: int = 96):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<|endoftext|>"],
+        special_tokens=list(dict.fromkeys(t for t in (pad, bos, eos) if t)),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([CORPUS], trainer)
-    # id 1 is BOS/EOS: circuit-tracer needs a non-zero BOS id.
+    tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<pad>",
-        model_max_length=512,
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=512
     )
 
 

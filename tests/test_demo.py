@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from sparsify import SparseCoder
 
+from conftest import build_tokenizer
+
 from matryoshka_plugin import demo, load_coder
 from matryoshka_plugin.offline import austen_dataset, austen_texts
 
@@ -22,19 +24,11 @@ WIDTH = 64
 
 def build_tiny_llama(path):
     """A 3-layer random Llama and a byte-level BPE tokenizer, saved as a HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaModel
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    tokenizer = build_tokenizer(
+        austen_texts()["persuasion"][:50_000], 400, bos="<s>", eos="</s>", pad=None
     )
-    tok.train_from_iterator([austen_texts()["persuasion"][:50_000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,

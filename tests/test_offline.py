@@ -11,6 +11,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import build_tokenizer
+
 from matryoshka_plugin import offline
 from matryoshka_plugin.offline import (
     AUSTEN_NOVELS,
@@ -162,23 +164,6 @@ def test_gguf_conversion_round_trip(tmp_path, monkeypatch):
     assert torch.equal(base.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
-def build_tiny_tokenizer(text: str):
-    """A byte-level BPE tokenizer trained on a little Austen, with BOS/EOS tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer(texts):
-    return build_tiny_tokenizer(texts["persuasion"][:50_000])
+    return build_tokenizer(texts["persuasion"][:50_000], 400, bos="<s>", eos="</s>", pad=None)
