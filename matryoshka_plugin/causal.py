@@ -20,6 +20,7 @@ replacement model is the coarse one and the patched features must lie inside the
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -313,3 +314,55 @@ __all__ = [
     "tokenize",
     "top_features",
 ]
+
+
+def summarise_fidelity(
+    rows: Sequence[dict], prefix_lens: Sequence[int], factors: Sequence[float] = (0.0, 2.0)
+) -> tuple[list[str], dict[tuple[int, float], tuple[float, float]]]:
+    """A markdown table, and ``{(P, factor): (median cosine, median NMSE)}``, of report rows.
+
+    Rows whose cosine is NaN (a patch that changed nothing downstream) are left out.
+    """
+    lines = [
+        "| P | factor | patches | fidelity cosine (median) | cosine (min) | NMSE (median) "
+        "| constrained |dlogit| (median) | iterative |dlogit| (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for p in prefix_lens:
+        for f in factors:
+            sel = [r for r in rows if r["prefix_len"] == p and r["factor"] == f and r["cosine"] == r["cosine"]]
+            if not sel:
+                continue
+            cos, nmse = [r["cosine"] for r in sel], [r["nmse"] for r in sel]
+            summary[(p, f)] = (statistics.median(cos), statistics.median(nmse))
+            constrained = statistics.median(r["constrained_logit_change"] for r in sel)
+            iterative = statistics.median(r["iterative_logit_change"] for r in sel)
+            lines.append(
+                f"| {p} | {f:g} | {len(sel)} | {summary[(p, f)][0]:.3f} | {min(cos):.3f} "
+                f"| {summary[(p, f)][1]:.3f} | {constrained:.3f} | {iterative:.3f} |"
+            )
+    return lines, summary
+
+
+def plot_fidelity(summary: dict, prefix_lens: Sequence[int], title: str, path) -> None:
+    """Median fidelity cosine and NMSE against prefix length, one line per patch factor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    factors = sorted({f for _, f in summary})
+    for f, style in zip(factors, ("o-", "s--", "^:", "d-.")):
+        ps = [p for p in prefix_lens if (p, f) in summary]
+        for i, ax in enumerate(axes):
+            ax.semilogx(ps, [summary[(p, f)][i] for p in ps], style, base=2, label=f"factor {f:g}")
+    axes[0].set(xlabel="prefix length P", ylabel="median cosine", title="mechanistic fidelity: cosine")
+    axes[1].set(xlabel="prefix length P", ylabel="median normalised MSE", title="mechanistic fidelity: NMSE")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -130,3 +130,18 @@ def test_bad_patches_raise_one_line_errors(model, tokens):
         constrained_patch(model, tokens, [(0, 1, 0)], 0.0, layers=range(0, N_LAYERS + 3))
     with pytest.raises(CausalError, match="allowed: frozen, live"):
         mechanistic_fidelity(model, tokens, [(0, 1, 0)], 0.0, errors="bogus")
+
+
+def test_summarise_fidelity_takes_medians_and_skips_nan_cosines():
+    from matryoshka_plugin.causal import summarise_fidelity
+
+    def row(p, f, cos, nmse):
+        return dict(prefix_len=p, factor=f, cosine=cos, nmse=nmse,
+                    constrained_logit_change=1.0, iterative_logit_change=2.0)
+
+    rows = [row(8, 0.0, 0.2, 3.0), row(8, 0.0, float("nan"), 9.0),
+            row(8, 0.0, 0.6, 1.0), row(8, 0.0, 0.4, 2.0), row(16, 2.0, 0.9, 0.5)]
+    table, summary = summarise_fidelity(rows, [8, 16])
+    assert summary == {(8, 0.0): (0.4, 2.0), (16, 2.0): (0.9, 0.5)}
+    assert table[2] == "| 8 | 0 | 3 | 0.400 | 0.200 | 2.000 | 1.000 | 2.000 |"
+    assert len(table) == 4  # header, rule, and one row per (P, factor) present

@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -71,7 +70,7 @@ def main() -> None:
     from matryoshka_plugin import MatryoshkaSparseCoderConfig
     from matryoshka_plugin.adapters.circuit_tracer import export_transcoder_set, load_local_replacement_model
     from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
-    from matryoshka_plugin.causal import prefix_causal_report
+    from matryoshka_plugin.causal import plot_fidelity, prefix_causal_report, summarise_fidelity
     from matryoshka_plugin.fit import fit_activations
     from matryoshka_plugin.offline import load_pretrained
 
@@ -117,41 +116,12 @@ def main() -> None:
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
         f"Setup (small and honest, not SmolLM2): {meta['setup']}.",
         "",
-        "| P | factor | patches | fidelity cosine (median) | cosine (min) | NMSE (median) | constrained |dlogit| (median) | iterative |dlogit| (median) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    summary = {}
-    for p in nested:
-        for f in (0.0, 2.0):
-            sel = [r for r in rows_out if r["prefix_len"] == p and r["factor"] == f and r["cosine"] == r["cosine"]]
-            if not sel:
-                continue
-            cos = [r["cosine"] for r in sel]
-            nmse = [r["nmse"] for r in sel]
-            summary[(p, f)] = (statistics.median(cos), statistics.median(nmse))
-            lines.append(
-                f"| {p} | {f:g} | {len(sel)} | {statistics.median(cos):.3f} | {min(cos):.3f} | {statistics.median(nmse):.3f} "
-                f"| {statistics.median(r['constrained_logit_change'] for r in sel):.3f} | {statistics.median(r['iterative_logit_change'] for r in sel):.3f} |"
-            )
+    table, summary = summarise_fidelity(rows_out, nested)
+    lines += table
     lines += ["", "Transcoder FVU per prefix (layer: {P: FVU}): " + json.dumps(fvu)]
     (res / "causal.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for f, style in ((0.0, "o-"), (2.0, "s--")):
-        ps = [p for p in nested if (p, f) in summary]
-        axes[0].semilogx(ps, [summary[(p, f)][0] for p in ps], style, base=2, label=f"factor {f:g}")
-        axes[1].semilogx(ps, [summary[(p, f)][1] for p in ps], style, base=2, label=f"factor {f:g}")
-    axes[0].set(xlabel="prefix length P", ylabel="median cosine", title="mechanistic fidelity: cosine")
-    axes[1].set(xlabel="prefix length P", ylabel="median normalised MSE", title="mechanistic fidelity: NMSE")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle("patched strongest features inside each prefix (small random Llama, trained transcoders)")
-    fig.tight_layout()
-    fig.savefig(res / "causal.png", dpi=110)
+    plot_fidelity(summary, nested, "patched strongest features inside each prefix (small random Llama, trained transcoders)", res / "causal.png")
     print("\n".join(lines))
 
 

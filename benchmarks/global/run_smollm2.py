@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -67,7 +66,7 @@ def main() -> None:
 
     from matryoshka_plugin.adapters.circuit_tracer import load_local_replacement_model
     from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
-    from matryoshka_plugin.causal import prefix_causal_report
+    from matryoshka_plugin.causal import plot_fidelity, prefix_causal_report, summarise_fidelity
 
     start = time.perf_counter()
     tc, _ = load_transcoders_dir(args.export)
@@ -82,21 +81,9 @@ def main() -> None:
         f"SmolLM2-135M, Matryoshka TopK transcoders from the attribution run ({args.checkpoint}); prompts {PROMPTS};",
         f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= 1).",
         "",
-        "| P | factor | patches | fidelity cosine (median) | cosine (min) | NMSE (median) | constrained |dlogit| (median) | iterative |dlogit| (median) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    summary = {}
-    for p in args.prefix_lens:
-        for f in (0.0, 2.0):
-            sel = [r for r in rows if r["prefix_len"] == p and r["factor"] == f and r["cosine"] == r["cosine"]]
-            if not sel:
-                continue
-            cos, nmse = [r["cosine"] for r in sel], [r["nmse"] for r in sel]
-            summary[(p, f)] = (statistics.median(cos), statistics.median(nmse))
-            lines.append(
-                f"| {p} | {f:g} | {len(sel)} | {statistics.median(cos):.3f} | {min(cos):.3f} | {statistics.median(nmse):.3f} "
-                f"| {statistics.median(r['constrained_logit_change'] for r in sel):.3f} | {statistics.median(r['iterative_logit_change'] for r in sel):.3f} |"
-            )
+    table, summary = summarise_fidelity(rows, args.prefix_lens)
+    lines += table
     lines += ["", "Patched features (P, prompt, layer, position, feature, factor, cosine, NMSE):", ""]
     lines += [
         f"- P={r['prefix_len']} '{r['prompt'][:20]}' L{r['layer']} pos {r['position']} f{r['feature']} x{r['factor']:g}: "
@@ -104,23 +91,7 @@ def main() -> None:
         for r in rows
     ]
     (res / "smollm2_causal.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for f, style in ((0.0, "o-"), (2.0, "s--")):
-        ps = [p for p in args.prefix_lens if (p, f) in summary]
-        axes[0].semilogx(ps, [summary[(p, f)][0] for p in ps], style, base=2, label=f"factor {f:g}")
-        axes[1].semilogx(ps, [summary[(p, f)][1] for p in ps], style, base=2, label=f"factor {f:g}")
-    axes[0].set(xlabel="prefix length P", ylabel="median cosine", title="mechanistic fidelity: cosine")
-    axes[1].set(xlabel="prefix length P", ylabel="median normalised MSE", title="mechanistic fidelity: NMSE")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle(f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})")
-    fig.tight_layout()
-    fig.savefig(res / "smollm2_causal.png", dpi=110)
+    plot_fidelity(summary, args.prefix_lens, f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})", res / "smollm2_causal.png")
     print("\n".join(lines))
 
 
