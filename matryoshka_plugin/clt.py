@@ -252,14 +252,21 @@ class ActivationCache:
             )
         return layers
 
-    def load(self, layers: list[int] | None = None) -> tuple[Tensor, Tensor]:
-        """Inputs and outputs ``[n_tokens, len(layers), d_model]`` (float32)."""
+    def load(
+        self, layers: list[int] | None = None, dtype: torch.dtype | None = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Inputs and outputs ``[n_tokens, len(layers), d_model]`` in ``dtype``.
+
+        ``dtype=None`` keeps the stored dtype: an all-layer float16 cache then takes half
+        the memory, and training casts one batch at a time.
+        """
         layers = self.check_layers(layers or self.layers)
         xs, ys = [], []
         for i in layers:
             with safe_open(str(self.path / f"layer_{i}.safetensors"), framework="pt") as f:
-                xs.append(f.get_tensor("input").float())
-                ys.append(f.get_tensor("output").float())
+                x, y = f.get_tensor("input"), f.get_tensor("output")
+                xs.append(x if dtype is None else x.to(dtype))
+                ys.append(y if dtype is None else y.to(dtype))
         return torch.stack(xs, dim=1), torch.stack(ys, dim=1)
 
 
@@ -379,7 +386,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
 
     cache = ActivationCache(cfg.cache)
     layers = cache.check_layers(cfg.layers or cache.layers)
-    x_all, y_all = cache.load(layers)
+    x_all, y_all = cache.load(layers, dtype=None)
     n_hold = int(len(x_all) * cfg.holdout_fraction)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(x_all), generator=gen)
@@ -446,7 +453,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm, perm_epoch = train_idx[torch.randperm(n_train, generator=g)], epoch
         rows = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        xb, yb = x_all[rows].to(device), y_all[rows].to(device)
+        xb, yb = x_all[rows].to(device, torch.float32), y_all[rows].to(device, torch.float32)
         if step == 0:
             clt.init_biases(xb, yb)
         dead = since_fired > cfg.clt.dead_feature_threshold if cfg.clt.auxk_alpha > 0 else None
@@ -476,7 +483,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     clt.eval()
     metrics = {"layers": layers, "steps": step, "lr": lr, "history": history}
     if n_hold >= 2:
-        xh, yh = x_all[hold].to(device), y_all[hold].to(device)
+        xh, yh = x_all[hold].to(device, torch.float32), y_all[hold].to(device, torch.float32)
         pf = clt.prefix_fvu(xh, yh, eval_prefix_lens(clt))
         metrics["holdout_tokens"] = n_hold
         metrics["holdout_prefix_fvu"] = {str(p): v for p, v in pf.items()}
@@ -598,6 +605,67 @@ def export_clt(
             trained_layers=clt.layers,
             n_layers=int(n_model_layers),
             prefix_schedule=clt.cfg.prefix_schedule if clt.cfg.matryoshka else None,
+        )
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def export_per_layer(
+    clts: list[MatryoshkaCLT | str | Path],
+    out_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one-layer CLTs as circuit-tracer's per-layer transcoder set.
+
+    A one-layer CLT is a transcoder (same encoder, one decoder slot), so
+    ``layer_{i}.safetensors`` holds its tensors unchanged and circuit-tracer attributes
+    through it with its per-layer code path. This is how the plugin's CLT-vs-per-layer
+    comparison trains both dictionaries with one trainer. TopK CLTs are written as
+    exact TopK (the plugin's loader), BatchTopK ones as JumpReLU with their threshold.
+    """
+    clts = [c if isinstance(c, MatryoshkaCLT) else load_clt(c) for c in clts]
+    if not clts:
+        raise ExportError("export_per_layer needs at least one one-layer CLT")
+    by_layer: dict[int, MatryoshkaCLT] = {}
+    for c in clts:
+        if c.n_layers != 1:
+            raise ExportError(f"a CLT over layers {c.layers} is not a per-layer transcoder; allowed: one layer each")
+        if c.layers[0] in by_layer:
+            raise ExportError(f"two CLTs for layer {c.layers[0]}; allowed: one per layer")
+        by_layer[c.layers[0]] = c.cpu().float().eval()
+    first = clts[0]
+    shape = (first.num_latents, first.cfg.k, first.cfg.batch_topk, first.nested_sizes if first.cfg.matryoshka else None)
+    for layer, c in by_layer.items():
+        got = (c.num_latents, c.cfg.k, c.cfg.batch_topk, c.nested_sizes if c.cfg.matryoshka else None)
+        if got != shape:
+            raise ExportError(
+                f"layer {layer}: (width, k, batch_topk, nested sizes) {got} differ from {shape}; "
+                "circuit-tracer needs one shape for all layers"
+            )
+    written = "jumprelu" if first.cfg.batch_topk else "topk"
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        for layer, c in sorted(by_layer.items()):
+            tensors = {"W_enc": c.W_enc[0], "b_enc": c.b_enc[0], "W_dec": c.W_dec[0][:, 0], "b_dec": c.b_dec[0]}
+            if c.cfg.batch_topk:
+                tensors["activation_function.threshold"] = c.batch_topk_threshold[0].clamp_min(0).expand(c.num_latents)
+            save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(tmp / f"layer_{layer}.safetensors"))
+        write_config_yaml(
+            tmp,
+            base_kind="transcoder_set",
+            activation=written,
+            k=first.cfg.k,
+            model_name=model_name or first.source.get("model") or None,
+            scan=f"matryoshka-clt-per-layer-{Path(out_dir).name}",
+        )
+        write_nested_sizes(
+            tmp,
+            shape[3],
+            first.num_latents,
+            activation=written,
+            k=first.cfg.k,
+            hookpoints={str(layer): c.source.get("hookpoints", {}).get(str(layer), "") for layer, c in by_layer.items()},
         )
     return Path(out_dir)
 

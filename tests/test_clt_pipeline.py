@@ -33,6 +33,7 @@ from matryoshka_plugin.clt import (
     CLTTrainConfig,
     cache_activations,
     export_clt,
+    export_per_layer,
     main,
     train_clt,
 )
@@ -194,6 +195,36 @@ def test_export_batch_topk_loads_in_stock_circuit_tracer(tmp_path):
     import yaml
 
     assert yaml.safe_load((out / "config.yaml").read_text())["model_kind"] == "cross_layer_transcoder"
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_per_layer_export_equals_one_layer_clts_in_circuit_tracer(tmp_path, batch_topk):
+    cfg = CLTConfig(matryoshka=True, num_latents=24, k=3, nested_sizes=[4, 10], batch_topk=batch_topk)
+    clts = [_random_clt([layer], cfg, seed=layer) for layer in range(3)]
+    if batch_topk:
+        for c in clts:
+            c.train()
+            c(torch.randn(64, 1, D), torch.randn(64, 1, D))  # sets the inference threshold
+            c.eval()
+    out = export_per_layer(clts, tmp_path / "ct")
+    ct, config = load_transcoders_dir(out, dtype=torch.float32)
+    assert config["model_kind"].endswith("transcoder_set")
+    assert config["matryoshka"]["nested_sizes"] == [4, 10, 24]
+    x = torch.randn(7, D)
+    for layer, c in enumerate(clts):
+        for p in [None, 4] if not batch_topk else [None]:
+            set_prefix_len(ct, p)
+            got = ct[layer].decode(ct[layer].encode(x), x)
+            torch.testing.assert_close(got, c.reconstruct(x[:, None], prefix_len=p)[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_export_rejects_multi_layer_and_mixed_shapes(tmp_path):
+    cfg = CLTConfig(num_latents=24, k=3)
+    with pytest.raises(ExportError, match="not a per-layer transcoder"):
+        export_per_layer([_random_clt([0, 1], cfg)], tmp_path / "a")
+    with pytest.raises(ExportError, match="differ from"):
+        export_per_layer([_random_clt([0], cfg), _random_clt([1], CLTConfig(num_latents=16, k=3))], tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_export_jumprelu_calibrated_fires_like_topk(tmp_path):

@@ -89,6 +89,9 @@ def transcoder_width(transcoders: Transcoders) -> int:
 
 
 def _transcoders_of(obj) -> Transcoders:
+    # A TranscoderSet itself has a ``transcoders`` ModuleList; only a model is unwrapped.
+    if isinstance(obj, (TranscoderSet, CrossLayerTranscoder)):
+        return obj
     return getattr(obj, "transcoders", obj)
 
 
