@@ -1,4 +1,4 @@
-"""Global feature graphs of sparsify transcoders on a model: ``matryoshka-global``.
+"""Global feature graphs of sparsify transcoders or a CLT on a model: ``matryoshka-global``.
 
 One pass over a corpus runs the model, encodes every transcoder layer's MLP input
 (sparsify's own ``encode``) and gathers the sparse co-activation statistics of
@@ -10,6 +10,12 @@ The target encoder reads the MLP input, which is the residual stream after the p
 norm; the norm's elementwise gain is folded into the encoder (``W_enc * g``) so that the
 virtual weight is taken in residual-stream coordinates. The per-token ``1/rms`` factor is
 not (it is context dependent), as in Anthropic's global weights.
+
+A cross-layer transcoder (a ``save_clt`` directory, e.g. ``matryoshka-clt train``'s
+``save_dir/clt``) is detected by its ``config.json``. Each source layer's MLP input is
+encoded with ``encode_layer`` in the same single pass, and the decoder of a layer pair is
+the CLT's effective decoder (``core.global_graph.clt_effective_decoders``): the sum of the
+source's decoder slots that write before the target layer's MLP.
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from tqdm.auto import tqdm
 
 from .adapters.circuit_tracer.export import ExportError, atomic_output_dir, hookpoint_layer
 from .adapters.sparsify import CheckpointError, load_coder
-from .core.global_graph import CoactivationStats, Edges, GlobalGraphError, check_prefix, era_edges
+from .core.global_graph import (
+    CoactivationStats,
+    Edges,
+    GlobalGraphError,
+    check_prefix,
+    clt_effective_decoders,
+    era_edges,
+)
 
 PROG = "matryoshka-global"
 RANK_BY = ("twera", "era", "virtual_weight")
@@ -74,6 +87,57 @@ def find_transcoders(checkpoint: Path | str, layers: Sequence[int] | None = None
             )
         coders[layer] = coder
     return coders
+
+
+def clt_checkpoint_dir(checkpoint: Path | str) -> Path | None:
+    """The CLT directory of ``checkpoint`` (itself, or a ``matryoshka-clt train`` run's
+    ``clt/``) when it holds a matryoshka CLT ``config.json``, else None."""
+    from .adapters.clt import CONFIG_FILE, FORMAT
+
+    root = Path(checkpoint)
+    for cand in (root, root / "clt"):
+        try:
+            d = json.loads((cand / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and d.get("format") == FORMAT:
+            return cand
+    return None
+
+
+class CLTSourceEncoder:
+    """One source layer of a CLT with the ``encode``/``num_latents``/``dtype`` face of a
+    sparsify coder, so ``gather_statistics`` encodes a CLT layer as it does a transcoder."""
+
+    def __init__(self, clt, slot: int):
+        self.clt, self.slot = clt, slot
+        self.num_latents = clt.num_latents
+        self.d_in = clt.d_model
+        self.dtype = clt.b_dec.dtype
+
+    def encode(self, x: Tensor):
+        return self.clt.encode_layer(x, self.slot)
+
+
+def find_clt(checkpoint: Path | str, layers: Sequence[int] | None = None):
+    """``(clt, {layer: CLTSourceEncoder})`` of a CLT directory; ``layers`` picks source and
+    target layers among the CLT's (default: all), at least two."""
+    from .adapters.clt import load_clt
+
+    path = clt_checkpoint_dir(checkpoint)
+    if path is None:
+        raise GlobalGraphError(f"checkpoint {checkpoint} holds no matryoshka CLT config.json")
+    clt = load_clt(path)
+    if layers is None:
+        layers = list(clt.layers)
+    missing = [l for l in layers if l not in clt.layers]
+    if missing:
+        raise GlobalGraphError(f"--layers {missing} are not in the CLT {path}; allowed: {clt.layers}")
+    if len(set(layers)) < 2:
+        raise GlobalGraphError(
+            f"a global graph needs two or more layers; the CLT {path} gives layers {sorted(set(layers))}"
+        )
+    return clt, {l: CLTSourceEncoder(clt, clt.layers.index(l)) for l in sorted(set(layers))}
 
 
 def mlp_norm_gains(model, layers: Iterable[int]) -> dict[int, Tensor | None]:
@@ -234,6 +298,38 @@ def build_global_graph(
     return out
 
 
+def build_clt_global_graph(
+    clt,
+    stats: CoactivationStats,
+    prefix_len: int | None,
+    *,
+    k: int = 16,
+    threshold: float = 0.0,
+    rank_by: str = "twera",
+    gains: dict[int, Tensor | None] | None = None,
+) -> list[LayerEdges]:
+    """As ``build_global_graph`` for a CLT: each source layer's effective decoder towards
+    every later layer in ``stats`` (the running sum of its decoder slots before that layer,
+    including slots of CLT layers left out of ``stats``), then the same sparse ERA/TWERA."""
+    out = []
+    layers = stats.layers
+    for a in layers:
+        slot = clt.layers.index(a)
+        dec = clt.W_dec[slot].detach().float()
+        if prefix_len is not None:
+            # Only rows < P are ever looked up; the running sums need no more.
+            dec = dec[: check_prefix(prefix_len, clt.num_latents)]
+        targets = [b for b in layers if b > a]
+        for b, eff in clt_effective_decoders(dec, clt.layers, slot, targets):
+            enc = clt.W_enc[clt.layers.index(b)].detach().float()
+            gain = (gains or {}).get(b)
+            if gain is not None:
+                enc = enc * gain.to(enc)
+            edges = era_edges(stats, a, b, eff, enc, prefix_len=prefix_len, k=k, threshold=threshold, rank_by=rank_by)
+            out.append(LayerEdges(a, b, edges))
+    return out
+
+
 def edge_rows(graph: list[LayerEdges]) -> list[dict]:
     rows = []
     for le in graph:
@@ -326,15 +422,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Global (input-independent) feature graph of sparsify transcoders: virtual weights "
-        "W_dec,i . W_enc,j between layers, weighted by corpus co-activation (ERA, TWERA), per Matryoshka prefix.",
+        description="Global (input-independent) feature graph of sparsify transcoders or a cross-layer "
+        "transcoder: virtual weights W_dec,i . W_enc,j between layers, weighted by corpus co-activation "
+        "(ERA, TWERA), per Matryoshka prefix.",
     )
-    parser.add_argument("checkpoint", help="sparsify run directory with one <hookpoint>/ transcoder per MLP layer")
+    parser.add_argument(
+        "checkpoint",
+        help="sparsify run directory with one <hookpoint>/ transcoder per MLP layer, or a CLT directory "
+        "(matryoshka-clt train's save_dir/clt, or save_dir itself)",
+    )
     parser.add_argument("--corpus", required=True, help="a text file, a folder of .txt files, or 'austen'")
     parser.add_argument("--model", default="smollm2", help="HF model folder, .gguf file, or 'smollm2' (default)")
     parser.add_argument("--prefix-len", type=int, nargs="+", required=True, metavar="P", help="prefix lengths")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--layers", help="transcoder layers to use, e.g. 0-2 (default: all in the checkpoint)")
+    parser.add_argument("--layers", help="transcoder/CLT layers to use, e.g. 0-2 (default: all in the checkpoint)")
     parser.add_argument("--n-tokens", type=int, default=20000, help="corpus tokens for the statistics")
     parser.add_argument("--ctx-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -351,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise GlobalGraphError(f"--out {out} already exists; choose a new path or pass --overwrite")
-        coders = find_transcoders(args.checkpoint, _parse_layers(args.layers))
+        clt = None
+        if clt_checkpoint_dir(args.checkpoint) is not None:
+            clt, coders = find_clt(args.checkpoint, _parse_layers(args.layers))
+        else:
+            coders = find_transcoders(args.checkpoint, _parse_layers(args.layers))
         width = min(int(c.num_latents) for c in coders.values())
         for p in args.prefix_len:
             check_prefix(p, width, "--prefix-len")
@@ -367,17 +472,21 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         stats = gather_statistics(model, coders, batches, n_tokens=args.n_tokens)
         gains = mlp_norm_gains(model, coders)
-        graphs = {
-            p: build_global_graph(coders, stats, p, k=args.top_k, threshold=args.threshold, rank_by=args.rank_by, gains=gains)
-            for p in args.prefix_len
-        }
+        opts = dict(k=args.top_k, threshold=args.threshold, rank_by=args.rank_by, gains=gains)
+        if clt is not None:
+            graphs = {p: build_clt_global_graph(clt, stats, p, **opts) for p in args.prefix_len}
+            nested = list(clt.nested_sizes) if clt.cfg.matryoshka else []
+        else:
+            graphs = {p: build_global_graph(coders, stats, p, **opts) for p in args.prefix_len}
+            nested = list(getattr(next(iter(coders.values())), "nested_sizes", []) or [])
         meta = {
             "checkpoint": str(Path(args.checkpoint).absolute()),
+            "kind": "clt" if clt is not None else "transcoders",
             "model": args.model,
             "corpus": str(args.corpus),
             "layers": sorted(coders),
             "width": width,
-            "nested_sizes": list(getattr(next(iter(coders.values())), "nested_sizes", []) or []),
+            "nested_sizes": nested,
             "n_tokens": stats.n_tokens,
             "n_coactive_pairs": stats.n_pairs(),
             "top_k": args.top_k,

@@ -21,10 +21,20 @@ computed per pair (cost ~ pairs * d_model), never as a features x features matri
 Restricting to a prefix ``P`` keeps pairs with ``i < P`` and ``j < P``; Matryoshka
 truncation zeroes latents ``>= P`` after the activation, so latents below ``P`` keep their
 values and one pass of statistics serves every prefix.
+
+Cross-layer transcoders (CLTs): a feature ``i`` at source layer ``l`` writes
+``W_dec[l][i, t]`` into the MLP output of every CLT target layer ``t >= l``. A feature
+``j`` at layer ``m > l`` reads the residual stream before layer ``m``'s MLP, which holds
+the MLP outputs of layers ``< m``. Its residual-direct virtual weight is therefore
+``W_enc[m][j] . sum_{t: l <= layer(t) < m} W_dec[l][i, t]``: the per-layer formula with an
+*effective decoder* (a running sum over the decoder's target slots) in place of
+``W_dec``. ``clt_effective_decoders`` builds those, so the same sparse ERA/TWERA code
+serves both kinds of transcoder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -111,6 +121,46 @@ def virtual_weight_topk(
         tgts.append(idx[keep])
         ws.append(w[keep])
     return torch.cat(srcs), torch.cat(tgts), torch.cat(ws)
+
+
+def clt_effective_decoders(
+    decoder: Tensor, layers: Sequence[int], source_slot: int, target_layers: Sequence[int]
+) -> Iterator[tuple[int, Tensor]]:
+    """``(m, D_m)`` for each target layer ``m``, ascending: ``D_m [M, d]`` is everything source
+    slot ``s``'s features write into the residual stream before layer ``m``'s MLP reads it.
+
+    ``decoder`` is that source's CLT decoder ``[M, len(layers) - s, d]``, whose slot ``t``
+    writes the MLP output of ``layers[s + t]``; ``D_m`` sums the slots whose layer lies in
+    ``[layers[s], m - 1]``. ``layers`` may skip model layers (then the skipped MLPs belong
+    to the model, not the CLT). ``D_m . W_enc[m][j]`` is the virtual weight to feature ``j``
+    of ``m``. A running sum: memory is two ``[M, d]`` tensors, never ``[M, L, d]`` extra.
+    """
+    layers = [int(x) for x in layers]
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise GlobalGraphError(f"CLT layers {layers} must be strictly increasing")
+    if not 0 <= source_slot < len(layers):
+        raise GlobalGraphError(f"source slot {source_slot} is out of range; allowed: 0..{len(layers) - 1}")
+    n_slots = len(layers) - source_slot
+    if decoder.ndim != 3 or decoder.shape[1] != n_slots:
+        raise GlobalGraphError(
+            f"decoder of source slot {source_slot} has shape {tuple(decoder.shape)}; "
+            f"expected [width, {n_slots} target slots, d_model] for layers {layers}"
+        )
+    source_layer = layers[source_slot]
+    targets = sorted({int(m) for m in target_layers})
+    early = [m for m in targets if m <= source_layer]
+    if early:
+        raise GlobalGraphError(
+            f"target layers {early} do not come after source layer {source_layer}; allowed: > {source_layer}"
+        )
+    running = torch.zeros(decoder.shape[0], decoder.shape[2], dtype=decoder.dtype, device=decoder.device)
+    t = 0
+    for m in targets:
+        while t < n_slots and layers[source_slot + t] < m:
+            # A new tensor each time: an already-yielded D_m must not change afterwards.
+            running = running + decoder[:, t]
+            t += 1
+        yield m, running
 
 
 @dataclass
@@ -287,6 +337,7 @@ __all__ = [
     "GlobalGraphError",
     "PairStats",
     "check_prefix",
+    "clt_effective_decoders",
     "dense_era_reference",
     "era_edges",
     "pair_virtual_weights",
