@@ -10,32 +10,48 @@ same hierarchical toy activations, with the same width and k, for several seeds:
 - ``matryoshka_fixed``: Bussmann's fixed groups (1/16, 1/16, 1/8, 1/4, 1/2 of the width);
 - ``matryoshka_pareto``: Nabeshima's truncated-Pareto prefixes, resampled every step;
 - ``batch_topk``: BatchTopK with a single level (the anchor's baseline);
-- ``matryoshka_batch_topk``: fixed groups with BatchTopK (the anchor's Matryoshka).
+- ``matryoshka_batch_topk``: fixed groups with BatchTopK (the anchor's Matryoshka);
+- ``saelens_batch_topk`` and ``saelens_matryoshka_batch_topk``: SAELens' own
+  ``BatchTopKTrainingSAE`` and ``MatryoshkaBatchTopKTrainingSAE`` (same fixed groups),
+  trained by SAELens' own ``SAETrainer`` on the same row batches in the same order, in
+  the separate SAELens environment (``saelens_toy.py``, run in a subprocess), and
+  evaluated here through SAELens' inference SAE (JumpReLU with the learnt threshold).
 
 Reproduce (writes results.json, absorption.png, fvu_vs_prefix.png, table.md here):
 
     .venv/bin/python benchmarks/toy/run.py
+
+or train only some baselines and merge them into the existing results.json:
+
+    .venv/bin/python benchmarks/toy/run.py --only saelens_batch_topk,saelens_matryoshka_batch_topk --merge
 """
 
 import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.evaluation import prefix_curve, reorder_by_mean_squared_activation, write_json
+from matryoshka_plugin.atomic import atomic_write_text
 from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.toy import ToyConfig, ToyModel, ground_truth_metrics
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_SAELENS_PYTHON = HERE.parents[1] / ".venv-saelens/bin/python"
+# fit_activations groups rows into pseudo-sequences of this many rows (its default).
+FIT_SEQ_LEN = 64
 
 # name -> Matryoshka fields (None: derived from another baseline, not trained)
 BASELINES: dict[str, dict | None] = {
@@ -48,6 +64,56 @@ BASELINES: dict[str, dict | None] = {
     "batch_topk": {"matryoshka": True, "batch_topk": True, "nested_sizes": "width"},
     "matryoshka_batch_topk": {"matryoshka": True, "batch_topk": True, "prefix_schedule": "fixed"},
 }
+# name -> SAELens training architecture (trained by saelens_toy.py in .venv-saelens)
+SAELENS_BASELINES: dict[str, str] = {
+    "saelens_batch_topk": "batchtopk",
+    "saelens_matryoshka_batch_topk": "matryoshka_batchtopk",
+}
+ALL_BASELINES = [*BASELINES, *SAELENS_BASELINES]
+# pairs (BatchTopK, Matryoshka BatchTopK) compared with the paper's absorption anchor
+ANCHOR_PAIRS = {
+    "toy": ("batch_topk", "matryoshka_batch_topk"),
+    "toy_saelens": ("saelens_batch_topk", "saelens_matryoshka_batch_topk"),
+}
+CHECK_ROWS = 1024
+LR_WARMUP_STEPS = 10
+
+
+class SaeLensJumpReLU:
+    """SAELens' JumpReLU inference SAE behind the coder interface the metrics read.
+
+    SAELens saves its BatchTopK training SAEs (Matryoshka or not) as JumpReLU SAEs: encode
+    is ``h = (x - b_dec) @ W_enc + b_enc`` (``apply_b_dec_to_input``), a latent fires where
+    ``h > threshold`` with value ``relu(h)``; decode is ``acts @ W_dec + b_dec``. The
+    metrics take sparsify's ``encode -> (acts, indices, pre_acts)``; here every row lists
+    all latents, with zeros where silent, so the number firing per row varies as in SAELens.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.W_enc, self.b_enc = tensors["W_enc"], tensors["b_enc"]
+        self.W_dec, self.b_dec = tensors["W_dec"], tensors["b_dec"]
+        self.threshold = tensors["threshold"]
+        self.num_latents = self.W_dec.shape[0]
+        self.dtype = self.W_dec.dtype
+        self.W_skip = None
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor):
+        pre_acts = (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        acts = pre_acts.relu() * (pre_acts > self.threshold).to(pre_acts.dtype)
+        indices = torch.arange(self.num_latents).expand(x.shape[0], -1)
+        return acts, indices, pre_acts
+
+    @torch.no_grad()
+    def decode(self, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(acts.shape[0], self.num_latents, dtype=acts.dtype).scatter_add_(1, indices, acts)
+        return dense @ self.W_dec + self.b_dec
+
+
+def fit_row_order(n_rows: int, seed: int) -> torch.Tensor:
+    """The row order ``fit_activations`` trains on (per epoch), mirrored for SAELens."""
+    n = (n_rows // FIT_SEQ_LEN) * FIT_SEQ_LEN
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def machine() -> str:
@@ -87,36 +153,106 @@ def scalar_metrics(gt: dict, curve: list[dict]) -> dict:
     }
 
 
-def run(args) -> dict:
+def train_saelens(args, names, x_train, x_check, width, fixed_sizes) -> tuple[dict, dict]:
+    """Train the SAELens baselines in the SAELens venv; their adapters and the run metadata.
+
+    Returns ``{(name, seed): SaeLensJumpReLU}`` and SAELens' metadata, with the largest
+    difference between the adapter's and SAELens' own reconstruction of ``x_check``.
+    """
+    py = Path(args.saelens_python)
+    if not py.exists():
+        raise SystemExit(
+            f"error: SAELens Python {py} not found (needed for {', '.join(names)}); "
+            "see benchmarks/RESULTS.md to create .venv-saelens, or leave those baselines out with --only"
+        )
+    spec = {
+        "runs": [{"name": n, "architecture": SAELENS_BASELINES[n], "seed": s} for s in args.seeds for n in names],
+        "width": width, "k": args.k, "matryoshka_widths": fixed_sizes, "batch_size": args.batch_size,
+        "epochs": args.epochs, "lr": args.lr, "lr_warmup_steps": LR_WARMUP_STEPS, "threads": args.threads,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tensors = {"x_train": x_train.contiguous(), "x_check": x_check.contiguous()}
+        tensors.update({f"order_{s}": fit_row_order(len(x_train), s) for s in args.seeds})
+        save_file(tensors, str(tmp / "data.safetensors"))
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        # stderr (SAELens' own progress bars) goes straight to ours.
+        res = subprocess.run(
+            [str(py), str(HERE / "saelens_toy.py"), str(tmp / "data.safetensors"), str(tmp / "spec.json"),
+             str(tmp / "out")],
+            stdout=subprocess.PIPE, text=True,
+        )
+        if res.returncode != 0:
+            raise SystemExit(f"error: SAELens training failed (exit {res.returncode}); see its output above")
+        meta = json.loads((tmp / "out/meta.json").read_text())
+        coders, worst = {}, 0.0
+        for run in spec["runs"]:
+            saved = load_file(str(tmp / f"out/{run['name']}_seed{run['seed']}.safetensors"))
+            coder = SaeLensJumpReLU(saved)
+            acts, indices, _ = coder.encode(x_check)
+            recon = coder.decode(acts, indices)
+            # The evaluation must see exactly what SAELens' own encode/decode computes.
+            diff = max(float((acts - saved["ref_acts"]).abs().max()), float((recon - saved["ref_recon"]).abs().max()))
+            if diff > 1e-4:
+                raise SystemExit(
+                    f"error: adapter differs from SAELens' own encode/decode by {diff:.3g} "
+                    f"on {run['name']} seed {run['seed']}"
+                )
+            worst = max(worst, diff)
+            coders[(run["name"], run["seed"])] = coder
+    meta["adapter_max_abs_diff"] = worst
+    meta["adapter_check_rows"] = len(x_check)
+    return coders, meta
+
+
+def run(args, merge_into: dict | None = None) -> dict:
     toy = ToyModel(ToyConfig(seed=args.toy_seed))
     width = args.width or toy.cfg.n_features
     x_train, _ = toy.sample(args.train_rows, seed=1000 + args.toy_seed)
     x_test, f_test = toy.sample(args.test_rows, seed=2000 + args.toy_seed)
     fixed_sizes = MatryoshkaSparseCoderConfig(matryoshka=True).resolve_nested_sizes(width, args.k)
     prefix_lens = sorted({1, 2, *fixed_sizes, *(2**i for i in range(width.bit_length()) if 2**i < width)})
-    names = [n for n in BASELINES if n in args.baselines]
-    trained = [n for n in names if BASELINES[n] is not None]
+    names = [n for n in ALL_BASELINES if n in args.baselines]
+    trained = [n for n in names if n in BASELINES and BASELINES[n] is not None]
     if "topk_reordered" in names and "topk" not in trained:
         trained.insert(0, "topk")
+    saelens_names = [n for n in names if n in SAELENS_BASELINES]
+    settings = {
+        "toy": asdict(toy.cfg), "width": width, "k": args.k, "train_rows": args.train_rows,
+        "test_rows": args.test_rows, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "seeds": args.seeds, "matryoshka_fixed_sizes": fixed_sizes,
+        "prefix_lens": prefix_lens,
+        "mean_true_l0": float((f_test > 0).sum(1).float().mean()),
+    }
+    if merge_into is not None:
+        check_settings(merge_into, settings)  # before training, not after
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     curves: dict[str, list[list[dict]]] = {n: [] for n in names}
-    bar = tqdm(total=len(trained) * len(args.seeds), desc="toy benchmark", file=sys.stderr)
     started = time.time()
+    saelens_coders, saelens_meta = {}, None
+    if saelens_names:
+        saelens_coders, saelens_meta = train_saelens(
+            args, saelens_names, x_train, x_test[:CHECK_ROWS], width, fixed_sizes
+        )
+    bar = tqdm(total=(len(trained) + len(saelens_names)) * len(args.seeds), desc="toy benchmark", file=sys.stderr)
     for seed in args.seeds:
-        for name in trained:
-            fields = dict(BASELINES[name])
-            if fields.get("nested_sizes") == "width":
-                fields["nested_sizes"] = [width]
-            cfg = MatryoshkaSparseCoderConfig(num_latents=width, k=args.k, **fields)
+        for name in trained + saelens_names:
             bar.set_postfix_str(f"{name} seed {seed}")
-            coder = fit_activations(
-                x_train, cfg, batch_size=args.batch_size, epochs=args.epochs, seed=seed,
-                optimizer="adam", lr=args.lr, lr_warmup_steps=10,
-            )
-            variants = [(name, coder)]
-            if name == "topk" and "topk_reordered" in names:
-                reordered, _ = reorder_by_mean_squared_activation(coder, x_train[:8192])
-                variants.append(("topk_reordered", reordered))
+            if name in SAELENS_BASELINES:
+                variants = [(name, saelens_coders[(name, seed)])]
+            else:
+                fields = dict(BASELINES[name])
+                if fields.get("nested_sizes") == "width":
+                    fields["nested_sizes"] = [width]
+                cfg = MatryoshkaSparseCoderConfig(num_latents=width, k=args.k, **fields)
+                coder = fit_activations(
+                    x_train, cfg, batch_size=args.batch_size, epochs=args.epochs, seed=seed,
+                    optimizer="adam", lr=args.lr, lr_warmup_steps=LR_WARMUP_STEPS,
+                )
+                variants = [(name, coder)]
+                if name == "topk" and "topk_reordered" in names:
+                    reordered, _ = reorder_by_mean_squared_activation(coder, x_train[:8192])
+                    variants.append(("topk_reordered", reordered))
             for vname, c in variants:
                 if vname not in names:
                     continue
@@ -136,30 +272,67 @@ def run(args) -> dict:
         summary[name]["rsa_vs_prefix"] = {
             str(p): summarise([c[i]["rsa"] for c in curves[name]]) for i, p in enumerate(prefix_lens)
         }
-    anchor = {}
-    if {"batch_topk", "matryoshka_batch_topk"} <= set(names):
-        b = summary["batch_topk"]["absorption_rate"]["mean"]
-        m = summary["matryoshka_batch_topk"]["absorption_rate"]["mean"]
-        anchor = {
-            "paper": {"matryoshka": 0.05, "batch_topk": 0.49, "ratio": 0.05 / 0.49},
-            "toy": {"matryoshka": m, "batch_topk": b, "ratio": m / b if b else float("nan")},
-        }
-    return {
+    provenance = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "command": "python benchmarks/toy/run.py " + " ".join(sys.argv[1:]),
         "seconds": round(time.time() - started, 1),
-        "settings": {
-            "toy": asdict(toy.cfg), "width": width, "k": args.k, "train_rows": args.train_rows,
-            "test_rows": args.test_rows, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "seeds": args.seeds, "matryoshka_fixed_sizes": fixed_sizes,
-            "prefix_lens": prefix_lens,
-            "mean_true_l0": float((f_test > 0).sum(1).float().mean()),
-        },
-        "anchor": anchor,
+    }
+    result = {
+        **provenance,
+        "settings": settings,
+        "anchor": anchor(summary),
         "summary": summary,
         "per_seed": per_seed,
+        "runs": [{**provenance, "baselines": names}],
     }
+    if saelens_meta is not None:
+        result["saelens"] = saelens_meta
+    return result
+
+
+def anchor(summary: dict) -> dict:
+    """Absorption of Matryoshka BatchTopK over BatchTopK, for every pair present, and the paper's."""
+    out = {}
+    for key, (base, matryoshka) in ANCHOR_PAIRS.items():
+        if base in summary and matryoshka in summary:
+            b = summary[base]["absorption_rate"]["mean"]
+            m = summary[matryoshka]["absorption_rate"]["mean"]
+            out[key] = {"matryoshka": m, "batch_topk": b, "ratio": m / b if b else float("nan")}
+    if out:
+        out = {"paper": {"matryoshka": 0.05, "batch_topk": 0.49, "ratio": 0.05 / 0.49}, **out}
+    return out
+
+
+def check_settings(old: dict, settings: dict) -> None:
+    """Exit with a one-line error unless ``old`` results were run with ``settings``."""
+    for k, v in settings.items():
+        if old.get("settings", {}).get(k) != v:
+            raise SystemExit(
+                f"error: cannot merge: setting {k!r} is {v!r} here but "
+                f"{old.get('settings', {}).get(k)!r} in the existing results; rerun without --merge"
+            )
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` results with ``new``'s baselines added or replaced; the settings must agree."""
+    check_settings(old, new["settings"])
+    order = ALL_BASELINES + [n for n in old["summary"] if n not in ALL_BASELINES]
+    summary = {**old["summary"], **new["summary"]}
+    per_seed = {**old["per_seed"], **new["per_seed"]}
+    runs = old.get("runs") or [
+        {k: old[k] for k in ("date", "machine", "command", "seconds")} | {"baselines": list(old["summary"])}
+    ]
+    merged = {
+        **old,
+        "summary": {n: summary[n] for n in order if n in summary},
+        "per_seed": {n: per_seed[n] for n in order if n in per_seed},
+        "runs": runs + new["runs"],
+    }
+    merged["anchor"] = anchor(merged["summary"])
+    if "saelens" in new:
+        merged["saelens"] = new["saelens"]
+    return merged
 
 
 def plot(result: dict, out_dir: Path) -> None:
@@ -231,8 +404,12 @@ def table(result: dict) -> str:
     for n, m in s.items():
         lines.append(f"| {n} | " + " | ".join(f"{m['fvu_vs_prefix'][p]['mean']:.3f} ± {m['fvu_vs_prefix'][p]['std']:.3f}" for p in P) + " |")
     if a := result.get("anchor"):
+        pairs = "; ".join(
+            f"{label} = {a[key]['matryoshka']:.3f}/{a[key]['batch_topk']:.3f} (ratio {a[key]['ratio']:.2f})"
+            for key, label in (("toy", "toy (plugin)"), ("toy_saelens", "toy (SAELens)")) if key in a
+        )
         lines += ["", f"Anchor: paper absorption Matryoshka/BatchTopK = 0.05/0.49 (ratio {a['paper']['ratio']:.2f}); "
-                  f"toy = {a['toy']['matryoshka']:.3f}/{a['toy']['batch_topk']:.3f} (ratio {a['toy']['ratio']:.2f})."]
+                  f"{pairs}."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,18 +425,29 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--toy-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids contention on shared CPUs)")
-    p.add_argument("--baselines", type=lambda s: s.split(","), default=list(BASELINES))
+    p.add_argument("--only", "--baselines", dest="baselines", type=lambda s: s.split(","), default=ALL_BASELINES,
+                   metavar="NAME[,NAME]", help=f"baselines to train (default: all of {','.join(ALL_BASELINES)})")
+    p.add_argument("--merge", action="store_true",
+                   help="add these baselines to OUT_DIR/results.json (same settings) instead of replacing it")
+    p.add_argument("--saelens-python", default=str(DEFAULT_SAELENS_PYTHON),
+                   help="Python with sae_lens installed, for the saelens_* baselines")
     p.add_argument("--out-dir", type=Path, default=HERE)
     args = p.parse_args(argv)
-    unknown = [b for b in args.baselines if b not in BASELINES]
+    unknown = [b for b in args.baselines if b not in ALL_BASELINES]
     if unknown:
-        p.error(f"unknown baselines {unknown}; allowed: {', '.join(BASELINES)}")
+        p.error(f"unknown baselines {unknown}; allowed: {', '.join(ALL_BASELINES)}")
+    existing = args.out_dir / "results.json"
+    if args.merge and not existing.exists():
+        p.error(f"--merge needs an existing {existing}; run without --merge first")
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    write_json(result, args.out_dir / "results.json")
+    old = json.loads(existing.read_text()) if args.merge else None
+    result = run(args, merge_into=old)
+    if old is not None:
+        result = merge(old, result)
+    write_json(result, existing)
     plot(result, args.out_dir)
-    (args.out_dir / "table.md").write_text(table(result))
+    atomic_write_text(args.out_dir / "table.md", table(result))
     print(table(result))
     return 0
 
