@@ -4,23 +4,26 @@
 holds one thin adapter per upstream tool.
 """
 
-from .adapters.sparsify import (
-    MatryoshkaSparseCoder,
-    MatryoshkaSparseCoderConfig,
-    MatryoshkaTrainConfig,
-    MatryoshkaTrainer,
-    load_coder,
-    prefix_fvu,
-)
 from .core import MatryoshkaConfig, MatryoshkaConfigError
 
-__all__ = [
-    "MatryoshkaConfig",
-    "MatryoshkaConfigError",
+_SPARSIFY_NAMES = (
     "MatryoshkaSparseCoder",
     "MatryoshkaSparseCoderConfig",
     "MatryoshkaTrainConfig",
     "MatryoshkaTrainer",
     "load_coder",
     "prefix_fvu",
-]
+)
+
+
+def __getattr__(name):
+    # Imported on first use, so that ``import matryoshka_plugin`` (and its core) works
+    # whichever ``sparsify`` is installed; the sparsify adapter checks that itself.
+    if name in _SPARSIFY_NAMES:
+        from .adapters import sparsify
+
+        return getattr(sparsify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MatryoshkaConfig", "MatryoshkaConfigError", *_SPARSIFY_NAMES]

@@ -5,6 +5,7 @@ and one-line errors for bad input.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -343,6 +344,28 @@ def test_path2_detection(tmp_path):
     assert detect_clt_training([str(fork)]) is None
     (fork / "kernels.py").write_text("import triton\n")
     assert detect_clt_training([str(fork)]) is not None
+
+
+def test_clt_training_install_gets_one_clear_error(tmp_path):
+    # A clt-training-shaped ``sparsify`` first on the path: its package import needs
+    # Triton, so the plugin must refuse it before importing it.
+    fork = tmp_path / "sparsify"
+    fork.mkdir()
+    (fork / "__init__.py").write_text("from .kernels import *\n")
+    (fork / "kernels.py").write_text("import triton\n")
+    code = (
+        "import matryoshka_plugin\n"
+        "from matryoshka_plugin.core import MatryoshkaConfig\n"
+        "import matryoshka_plugin.adapters.clt\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "CLTTrainingInstalledError" in last and "clt-training" in last, proc.stderr
+    assert "No module named 'triton'" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -6,14 +6,12 @@
   tensor layout. Its training forward returns the nested cross-layer loss, computed
   from one sparse decode per source layer (see ``core.cross_layer``).
 - ``save_clt`` / ``load_clt``: a directory with ``config.json`` and ``clt.safetensors``.
-- ``detect_clt_training``: whether the installed ``sparsify`` is EleutherAI
-  clt-training (training path 2), which this module does not drive.
+- Refuses EleutherAI clt-training (training path 2) with one line when it is the
+  installed ``sparsify`` (``installed_sparsify``).
 
 Layer slots ``0..L-1`` are positions in ``layers`` (the model's layer numbers).
 """
 
-import importlib.metadata
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .installed_sparsify import CLTTrainingInstalledError, detect_clt_training, require_pypi_sparsify
 from ..core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
@@ -45,44 +44,6 @@ FORMAT = "matryoshka-clt/1"
 
 class CLTError(ValueError):
     """A CLT, its cache or its checkpoint does not fit what was asked; the message says why."""
-
-
-class CLTTrainingInstalledError(RuntimeError):
-    """The installed ``sparsify`` is EleutherAI clt-training, not PyPI eai-sparsify."""
-
-
-def detect_clt_training(package_dirs: list[str] | None = None) -> str | None:
-    """The clt-training version if that fork is the installed ``sparsify``, else None.
-
-    clt-training also ships as ``eai-sparsify`` (1.1.x) and imports as ``sparsify``;
-    its ``kernels.py`` (Triton) is the tell. The package is located, not imported:
-    importing it needs Triton. ``package_dirs`` overrides where ``sparsify`` lives.
-    """
-    if package_dirs is None:
-        spec = importlib.util.find_spec("sparsify")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        package_dirs = list(spec.submodule_search_locations)
-    has_kernels = any(Path(p, "kernels.py").is_file() for p in package_dirs)
-    try:
-        version = importlib.metadata.version("eai-sparsify")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if has_kernels or version.startswith("1.1."):
-        return version
-    return None
-
-
-def require_pypi_sparsify() -> None:
-    """Raise a one-line error when clt-training (path 2) is installed instead of eai-sparsify."""
-    version = detect_clt_training()
-    if version is not None:
-        raise CLTTrainingInstalledError(
-            f"the installed sparsify is EleutherAI clt-training (eai-sparsify {version}); "
-            "matryoshka-clt trains from cached activations with PyPI eai-sparsify==1.3.3 "
-            "(training path 1). Driving clt-training's own CUDA/Triton trainer "
-            "(path 2) is not implemented or tested here"
-        )
 
 
 require_pypi_sparsify()

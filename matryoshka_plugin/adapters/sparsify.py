@@ -18,7 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
-import sparsify.trainer
+from .installed_sparsify import require_pypi_sparsify
+
+# Before any ``import sparsify``: clt-training's package import fails on Triton.
+require_pypi_sparsify()
+
+import sparsify.trainer  # noqa: E402
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
