@@ -1,6 +1,6 @@
 """Toy model with ground truth: absorption, splitting and best-match cosine per baseline.
 
-Every baseline is trained through sparsify's own Trainer (``fit_activations``) on the
+Every plugin baseline is trained through sparsify's own Trainer (``fit_activations``) on the
 same hierarchical toy activations, with the same width and k, for several seeds:
 
 - ``topk``: plain sparsify TopK (``matryoshka=False``);
