@@ -14,8 +14,10 @@ from matryoshka_plugin.adapters.sparsify import (
 from matryoshka_plugin.core.cross_layer import (
     cross_layer_nested_fvu,
     cross_layer_recons,
+    gather_targets,
     source_level_decodes,
     source_prefix_decodes,
+    target_level_decodes,
 )
 
 DT = torch.float64
@@ -96,8 +98,8 @@ def test_nested_loss_matches_dense_reference(problem, stop_gradient):
     top_acts, top_idx, W_dec, b_dec, y = make_inputs(L, N, M, k, d, seed)
     weights = torch.rand(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    per_source = [source_level_decodes(a, i, W, sizes) for a, i, W in zip(top_acts, top_idx, W_dec)]
-    recons = cross_layer_recons(per_source, b_dec, stop_gradient=stop_gradient)
+    summed = target_level_decodes(top_acts, top_idx, W_dec, sizes)
+    recons = cross_layer_recons(summed, b_dec, stop_gradient=stop_gradient)
     loss, fvu = cross_layer_nested_fvu(recons, y, weights)
 
     acts = [dense(a, i, M) for a, i in zip(top_acts, top_idx)]
@@ -108,6 +110,18 @@ def test_nested_loss_matches_dense_reference(problem, stop_gradient):
     params = [*W_dec, b_dec, *top_acts]
     for g, r in zip(grads(loss, params), grads(ref_loss, params)):
         torch.testing.assert_close(g, r)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_target_decode_equals_per_source_decodes_summed(problem):
+    # The per-target layout must give the per-source decodes' numbers, level by level.
+    L, N, M, k, d, sizes, seed = problem
+    top_acts, top_idx, W_dec, _, _ = make_inputs(L, N, M, k, d, seed)
+    per_source = [source_level_decodes(a, i, W, sizes) for a, i, W in zip(top_acts, top_idx, W_dec)]
+    torch.testing.assert_close(
+        target_level_decodes(top_acts, top_idx, W_dec, sizes), gather_targets(per_source, L)
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -125,7 +139,7 @@ def test_prefix_specific_decoders_match_dense_reference(problem):
         source_prefix_decodes(a, i, [W[: max(sz, 0)] for W, sz in zip(W_pre[s], sizes)], sizes)
         for s, (a, i) in enumerate(zip(top_acts, top_idx))
     ]
-    recons = cross_layer_recons(per_source, b_dec, stop_gradient=False, cumulative=False)
+    recons = cross_layer_recons(gather_targets(per_source, len(W_pre)), b_dec, stop_gradient=False, cumulative=False)
     loss, fvu = cross_layer_nested_fvu(recons, y, weights)
 
     acts = [dense(a, i, M) for a, i in zip(top_acts, top_idx)]

@@ -32,8 +32,10 @@ from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
 from ..core.cross_layer import (
     cross_layer_nested_fvu,
     cross_layer_recons,
+    gather_targets,
     source_level_decodes,
     source_prefix_decodes,
+    target_level_decodes,
     target_variance,
 )
 
@@ -232,12 +234,14 @@ class MatryoshkaCLT(nn.Module):
         """
         if self.cfg.nested_decoders and any(0 < s < self.num_latents for s in sizes):
             return self._prefix_decoder_recons(codes, sizes)
-        per_source = [
-            source_level_decodes(c.top_acts, c.top_indices, self.W_dec[s], sizes)
-            for s, c in enumerate(codes)
-        ]
+        summed = self._target_decodes(codes, sizes)
         return cross_layer_recons(
-            per_source, self.b_dec, stop_gradient=self.cfg.stop_gradient and self.training
+            summed, self.b_dec, stop_gradient=self.cfg.stop_gradient and self.training
+        )
+
+    def _target_decodes(self, codes: list[EncoderOutput], sizes: list[int]) -> Tensor:
+        return target_level_decodes(
+            [c.top_acts for c in codes], [c.top_indices for c in codes], list(self.W_dec), sizes
         )
 
     def _prefix_decoder_recons(self, codes: list[EncoderOutput], sizes: list[int]) -> Tensor:
@@ -258,7 +262,8 @@ class MatryoshkaCLT(nn.Module):
             for size in sizes
         ]
         b_dec = self.b_dec + torch.stack(offsets)
-        return cross_layer_recons(per_source, b_dec, stop_gradient=False, cumulative=False)
+        summed = gather_targets(per_source, self.n_layers)
+        return cross_layer_recons(summed, b_dec, stop_gradient=False, cumulative=False)
 
     def decode(self, codes: list[EncoderOutput], prefix_len: int | None = None) -> Tensor:
         """Full-decoder reconstruction ``[N, L, d]``, optionally keeping only latents < prefix_len."""
@@ -268,11 +273,8 @@ class MatryoshkaCLT(nn.Module):
                 EncoderOutput(*truncate_sparse(c.top_acts, c.top_indices, prefix_len), c.pre_acts)
                 for c in codes
             ]
-        per_source = [
-            source_level_decodes(c.top_acts, c.top_indices, self.W_dec[s], [self.num_latents])
-            for s, c in enumerate(codes)
-        ]
-        return cross_layer_recons(per_source, self.b_dec, stop_gradient=False)[:, 0]
+        summed = self._target_decodes(codes, [self.num_latents])
+        return cross_layer_recons(summed, self.b_dec, stop_gradient=False)[:, 0]
 
     # -- training forward -------------------------------------------------------
     def forward(
@@ -357,11 +359,7 @@ class MatryoshkaCLT(nn.Module):
         for p in lens:
             check_prefix_len(p, self.num_latents)
         codes = self.encode(x)
-        per_source = [
-            source_level_decodes(c.top_acts, c.top_indices, self.W_dec[s], lens)
-            for s, c in enumerate(codes)
-        ]
-        recons = cross_layer_recons(per_source, self.b_dec, stop_gradient=False)
+        recons = cross_layer_recons(self._target_decodes(codes, lens), self.b_dec, stop_gradient=False)
         _, level_fvu = cross_layer_nested_fvu(
             recons, y.to(recons.dtype), [1.0] * len(lens)
         )

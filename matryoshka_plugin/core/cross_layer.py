@@ -5,11 +5,11 @@ for source ``s``, one decoder ``W_dec[s]`` of shape ``[M, L - s, d]``: slot ``t`
 writes into target layer ``s + t`` (circuit-tracer's layout). Target ``j`` is
 reconstructed from every source ``s <= j``.
 
-Prefix ``P`` keeps latents ``< P`` at every source layer. Flattening ``W_dec[s]`` to
-``[M, (L - s) * d]`` makes each latent's row hold all its target decodes, so one
-``level_decodes`` call per source layer (one ``embedding_bag``) gives every prefix
-level at every target of that source: the work of one plain decode, whatever the
-number of levels or targets.
+Prefix ``P`` keeps latents ``< P`` at every source layer. ``target_level_decodes``
+decodes every prefix level at every target with one ``embedding_bag`` per target over
+the active latents of all its sources: the work of one plain decode, whatever the
+number of levels, and an output of ``[N, levels, L, d]`` (a per-source decode would
+hold ``L (L + 1) / 2`` target slots, 15x more at 30 layers).
 """
 
 from collections.abc import Sequence
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nested import cumulative_reconstructions, level_decodes, nested_fvu, prefix_decodes
+from .nested import _sorted_level_ends, cumulative_reconstructions, level_decodes, prefix_decodes
 
 
 def source_level_decodes(
@@ -31,6 +31,51 @@ def source_level_decodes(
     M, T, d = W_dec.shape
     flat = level_decodes(top_acts, top_indices, W_dec.reshape(M, T * d), nested_sizes)
     return flat.view(flat.shape[0], len(nested_sizes), T, d)
+
+
+def target_level_decodes(
+    top_acts: Sequence[Tensor],
+    top_indices: Sequence[Tensor],
+    W_decs: Sequence[Tensor],
+    nested_sizes: Sequence[int],
+) -> Tensor:
+    """Each level's own decode at every target, summed over sources, ``[N, levels, L, d]``.
+
+    ``W_decs[s]`` is source ``s``'s ``[M, L - s, d]`` decoder; no bias is added. The
+    same numbers as ``gather_targets`` of per-source ``source_level_decodes``: the
+    active latents are laid out by (token, level, source), so the bag of a (token,
+    level) at target ``j`` is the contiguous run of sources ``<= j``, decoded through
+    the rows ``W_decs[s][:, j - s]`` stacked for ``s <= j``.
+    """
+    n_layers = len(W_decs)
+    M, _, d = W_decs[0].shape
+    sizes = torch.as_tensor(nested_sizes, device=top_indices[0].device)
+    n_tokens, n_levels = top_indices[0].shape[0], len(nested_sizes)
+    k = max(i.shape[1] for i in top_indices)
+    run = torch.arange(k, device=sizes.device)
+    acts, rows, valid = [], [], []
+    for s in range(n_layers):
+        a, i, ends = _sorted_level_ends(top_acts[s], top_indices[s], sizes)
+        starts = torch.cat([ends.new_zeros(n_tokens, 1), ends[:, :-1]], dim=1)
+        pad = k - i.shape[1]
+        a, i = F.pad(a, (0, pad)), F.pad(i, (0, pad))
+        acts.append(a[:, None].expand(-1, n_levels, -1))
+        rows.append(i[:, None].expand(-1, n_levels, -1) + s * M)
+        valid.append((run >= starts[..., None]) & (run < ends[..., None]))
+    acts, rows, valid = (torch.stack(t, dim=2) for t in (acts, rows, valid))  # [N, levels, L, k]
+    source = torch.arange(n_layers, device=sizes.device)[:, None]
+    # Unbound views: their backward is one stack per source, not a full-size gradient per slice.
+    slots = [W.unbind(1) for W in W_decs]
+    out = []
+    for j in range(n_layers):
+        keep = valid & (source <= j)
+        counts = keep.sum(dim=(2, 3)).flatten()
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        W_j = torch.cat([slots[s][j - s] for s in range(j + 1)])
+        out.append(
+            F.embedding_bag(rows[keep], W_j, offsets, mode="sum", per_sample_weights=acts[keep].to(W_j.dtype))
+        )
+    return torch.stack(out, dim=1).view(n_tokens, n_levels, n_layers, d)
 
 
 def source_prefix_decodes(
@@ -50,22 +95,29 @@ def source_prefix_decodes(
 def gather_targets(per_source: Sequence[Tensor], n_layers: int) -> Tensor:
     """Sum source decodes into targets: ``[N, levels, L - s, d]`` each -> ``[N, levels, L, d]``.
 
-    Source ``s`` covers targets ``s..L-1``: it is added into target slots ``s:``.
+    Source ``s`` covers targets ``s..L-1``. Target ``j`` sums the unbound slot views
+    ``j - s`` of every source ``s <= j``: unbind's backward is one stack per source,
+    whereas in-place slice adds or selects make autograd fill and copy a full-size
+    gradient per source (or per target), O(L^2) copies of the whole output.
     """
-    first = per_source[0]
-    total = first.new_zeros(first.shape[0], first.shape[1], n_layers, first.shape[3])
+    slots = []
     for s, dec in enumerate(per_source):
         if dec.shape[2] != n_layers - s:
             raise ValueError(
                 f"source {s} decodes into {dec.shape[2]} targets; expected {n_layers - s}"
             )
-        # In place on a slice: one buffer instead of a padded copy per source.
-        total[:, :, s:] += dec
-    return total
+        slots.append(dec.unbind(2))
+    targets = []
+    for j in range(n_layers):
+        total = slots[0][j]
+        for s in range(1, j + 1):
+            total = total + slots[s][j - s]
+        targets.append(total)
+    return torch.stack(targets, dim=2)
 
 
 def cross_layer_recons(
-    per_source_levels: Sequence[Tensor],
+    summed_levels: Tensor,
     b_dec: Tensor,
     *,
     stop_gradient: bool,
@@ -73,19 +125,18 @@ def cross_layer_recons(
 ) -> Tensor:
     """Prefix reconstructions of every target, ``[N, levels, L, d]``.
 
-    ``per_source_levels`` are per-level decodes (``cumulative=True``: level ``l`` holds
-    only its own latents, summed into prefixes here, optionally with stop-gradient) or
-    already whole prefixes (``cumulative=False``, prefix-specific decoders). ``b_dec``
-    is ``[L, d]`` or, per level, ``[levels, L, d]``.
+    ``summed_levels`` are decodes already summed over sources (``target_level_decodes``
+    or ``gather_targets``): per level (``cumulative=True``: level ``l`` holds only its
+    own latents, summed into prefixes here, optionally with stop-gradient) or already
+    whole prefixes (``cumulative=False``, prefix-specific decoders). ``b_dec`` is
+    ``[L, d]`` or, per level, ``[levels, L, d]``.
     """
-    n_layers = b_dec.shape[-2]
-    summed = gather_targets(per_source_levels, n_layers)
     if cumulative:
-        n, levels = summed.shape[:2]
-        summed = cumulative_reconstructions(
-            summed.reshape(n, levels, -1), stop_gradient=stop_gradient
-        ).view_as(summed)
-    return summed + b_dec
+        n, levels = summed_levels.shape[:2]
+        summed_levels = cumulative_reconstructions(
+            summed_levels.reshape(n, levels, -1), stop_gradient=stop_gradient
+        ).view_as(summed_levels)
+    return summed_levels + b_dec
 
 
 def target_variance(y: Tensor) -> Tensor:
@@ -102,13 +153,12 @@ def cross_layer_nested_fvu(
     """Loss summed over targets of the weighted nested FVU, and FVU ``[L, levels]``.
 
     FVU is normalised per target layer by that target's variance, as sparsify does
-    per hookpoint; the targets' losses are then summed.
+    per hookpoint (``nested_fvu`` on each target); the targets' losses are then summed.
+    All targets are computed at once: a per-target slice would make autograd build a
+    full-size gradient of ``recons`` for every target.
     """
     if total_variance is None:
         total_variance = target_variance(y)
-    losses, level_fvus = [], []
-    for j in range(y.shape[1]):
-        loss_j, fvu_j = nested_fvu(recons[:, :, j], y[:, j], total_variance[j], weights)
-        losses.append(loss_j)
-        level_fvus.append(fvu_j)
-    return torch.stack(losses).sum(), torch.stack(level_fvus)
+    level_fvu = (y[:, None] - recons).pow(2).sum(dim=(0, 3)).T / total_variance[:, None]
+    w = torch.as_tensor(weights, dtype=level_fvu.dtype, device=level_fvu.device)
+    return (level_fvu * w).sum(), level_fvu
