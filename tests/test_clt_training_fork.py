@@ -28,7 +28,7 @@ needs_kernels = pytest.mark.skipif(
     "(integration_tests/clt_training.sh does)",
 )
 needs_cuda = pytest.mark.skipif(
-    not CUDA,
+    FORK is not None and not CUDA,
     reason="Trainer.fit back-propagates through clt-training's Triton encoder kernel, which "
     "Triton's CPU interpreter rejects (InterpreterError: ValueError('mask has unsupported "
     "dtype')); needs CUDA",
