@@ -42,10 +42,13 @@ def target_level_decodes(
     """Each level's own decode at every target, summed over sources, ``[N, levels, L, d]``.
 
     ``W_decs[s]`` is source ``s``'s ``[M, L - s, d]`` decoder; no bias is added. The
-    same numbers as ``gather_targets`` of per-source ``source_level_decodes``: the
-    active latents are laid out by (token, level, source), so the bag of a (token,
-    level) at target ``j`` is the contiguous run of sources ``<= j``, decoded through
-    the rows ``W_decs[s][:, j - s]`` stacked for ``s <= j``.
+    same numbers as ``gather_targets`` of per-source ``source_level_decodes``, from one
+    ``embedding_bag`` whose bags are the (token, level, target) triples: a bag holds
+    the level's active latents of every source ``s <= j``, each reading row
+    ``(i, j - s)`` of its source's decoder, flattened in place. Nothing of size
+    ``L (L + 1) / 2`` per token is materialised besides the small index lists, and the
+    backward writes one decoder-sized gradient (slicing per source or target would make
+    autograd fill a full-size gradient for every slice).
     """
     n_layers = len(W_decs)
     M, _, d = W_decs[0].shape
@@ -53,29 +56,31 @@ def target_level_decodes(
     n_tokens, n_levels = top_indices[0].shape[0], len(nested_sizes)
     k = max(i.shape[1] for i in top_indices)
     run = torch.arange(k, device=sizes.device)
-    acts, rows, valid = [], [], []
+    acts, idx, valid = [], [], []
     for s in range(n_layers):
         a, i, ends = _sorted_level_ends(top_acts[s], top_indices[s], sizes)
         starts = torch.cat([ends.new_zeros(n_tokens, 1), ends[:, :-1]], dim=1)
         pad = k - i.shape[1]
-        a, i = F.pad(a, (0, pad)), F.pad(i, (0, pad))
-        acts.append(a[:, None].expand(-1, n_levels, -1))
-        rows.append(i[:, None].expand(-1, n_levels, -1) + s * M)
+        acts.append(F.pad(a, (0, pad)))
+        idx.append(F.pad(i, (0, pad)))
         valid.append((run >= starts[..., None]) & (run < ends[..., None]))
-    acts, rows, valid = (torch.stack(t, dim=2) for t in (acts, rows, valid))  # [N, levels, L, k]
-    source = torch.arange(n_layers, device=sizes.device)[:, None]
-    # Unbound views: their backward is one stack per source, not a full-size gradient per slice.
-    slots = [W.unbind(1) for W in W_decs]
-    out = []
-    for j in range(n_layers):
-        keep = valid & (source <= j)
-        counts = keep.sum(dim=(2, 3)).flatten()
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        W_j = torch.cat([slots[s][j - s] for s in range(j + 1)])
-        out.append(
-            F.embedding_bag(rows[keep], W_j, offsets, mode="sum", per_sample_weights=acts[keep].to(W_j.dtype))
-        )
-    return torch.stack(out, dim=1).view(n_tokens, n_levels, n_layers, d)
+    acts, idx = torch.stack(acts, dim=1), torch.stack(idx, dim=1)  # [N, L_source, k]
+    valid = torch.stack(valid, dim=2)  # [N, levels, L_source, k]
+    source = torch.arange(n_layers, device=sizes.device)
+    n_slots = n_layers - source  # decoder slots (targets) per source
+    base = torch.cat([n_slots.new_zeros(1), (M * n_slots).cumsum(0)[:-1]])
+    slot = source[:, None] - source[None, :]  # [L_target, L_source]: j - s
+    # Row of latent i of source s, slot j - s, in the concatenated flattened decoders.
+    row = base[None, None, :, None] + idx[:, None] * n_slots[None, None, :, None] + slot[None, :, :, None]
+    keep = valid[:, :, None] & (slot >= 0)[None, None, :, :, None]  # [N, levels, L_t, L_s, k]
+    shape = (n_tokens, n_levels, n_layers, n_layers, k)
+    rows = row[:, None].expand(shape)[keep]
+    weights = acts[:, None, None].expand(shape)[keep]
+    counts = keep.sum(dim=(3, 4)).flatten()
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    W = torch.cat([W.reshape(-1, d) for W in W_decs])
+    out = F.embedding_bag(rows, W, offsets, mode="sum", per_sample_weights=weights.to(W.dtype))
+    return out.view(n_tokens, n_levels, n_layers, d)
 
 
 def source_prefix_decodes(
