@@ -2,7 +2,8 @@
 
 Both distributions are called ``eai-sparsify`` and import as ``sparsify``. The fork
 imports Triton at package import and needs CUDA, so it is located, never imported, and
-the plugin's PyPI adapters refuse it with one line before any ``import sparsify``.
+the plugin's PyPI adapters refuse it with one line before any ``import sparsify``;
+``adapters.clt_training`` is the adapter for the fork.
 """
 
 import importlib.metadata
@@ -42,6 +43,7 @@ def require_pypi_sparsify() -> None:
         raise CLTTrainingInstalledError(
             f"the installed sparsify is EleutherAI clt-training (eai-sparsify {version}); "
             "matryoshka-plugin's sparsify and CLT adapters need PyPI eai-sparsify==1.3.3 "
-            "(pip install eai-sparsify==1.3.3). Driving clt-training's own CUDA/Triton "
-            "trainer (CLT training path 2) is not implemented"
+            "(pip install eai-sparsify==1.3.3). To train Matryoshka CLTs with clt-training's "
+            "own CUDA/Triton trainer, use matryoshka_plugin.adapters.clt_training (CLT "
+            "training path 2)"
         )
