@@ -407,7 +407,9 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     }
     lr = cfg.lr or default_lr(cfg.optimizer, clt.num_latents)
     opt = (
-        torch.optim.Adam(clt.parameters(), lr=lr)
+        # Fused: one pass over each parameter instead of ~8; on CPU an all-layer CLT's
+        # optimizer step is otherwise as slow as its forward and backward together.
+        torch.optim.Adam(clt.parameters(), lr=lr, fused=True)
         if cfg.optimizer == "adam"
         else SignSGD(clt.parameters(), lr=lr)
     )
