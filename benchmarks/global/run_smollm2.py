@@ -13,7 +13,7 @@ circuit-tracer export ``export-topk``).
    model) and the last-token logit change of constrained and iterative patching.
 
 Usage: python benchmarks/global/run_smollm2.py [--prefix-lens 72 288 1152] [--n-tokens 3000]
-Writes results/smollm2_global/ (edge lists, plots) and results/smollm2_causal.{json,md,png}.
+Writes results/smollm2_global/ (edge lists, plots) and results/<--name>.{json,md,png} (default smollm2_causal).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=3000)
     ap.add_argument("--n-features", type=int, default=4)
     ap.add_argument("--skip-global", action="store_true")
+    ap.add_argument("--name", default="smollm2_causal", help="stem of the causal result files under results/")
+    ap.add_argument("--label", default=None, help="how the report describes the transcoders (default: the attribution run's)")
     args = ap.parse_args()
     res = HERE / "results"
     res.mkdir(exist_ok=True)
@@ -75,10 +77,10 @@ def main() -> None:
     start = time.perf_counter()
     rows = prefix_causal_report(model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features)
     meta["causal_seconds"] = time.perf_counter() - start
-    (res / "smollm2_causal.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (res / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
-        f"SmolLM2-135M, Matryoshka TopK transcoders from the attribution run ({args.checkpoint}); prompts {PROMPTS};",
+        f"SmolLM2-135M, {args.label or f'Matryoshka TopK transcoders from the attribution run ({args.checkpoint})'}; prompts {PROMPTS};",
         f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= 1).",
         "",
     ]
@@ -90,8 +92,8 @@ def main() -> None:
         f"cos {r['cosine']:.3f}, NMSE {r['nmse']:.3f}"
         for r in rows
     ]
-    (res / "smollm2_causal.md").write_text("\n".join(lines) + "\n")
-    plot_fidelity(summary, args.prefix_lens, f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})", res / "smollm2_causal.png")
+    (res / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot_fidelity(summary, args.prefix_lens, f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})", res / f"{args.name}.png")
     print("\n".join(lines))
 
 
