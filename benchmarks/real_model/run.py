@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.1, help="last fraction of the cache's sequences held out")
     p.add_argument("--ctx-len", type=int, default=128, help="the cache's context length")
-    p.add_argument("--lm-seqs", type=int, default=8, help="held-out sequences for loss recovered / KL (0 skips)")
+    p.add_argument("--lm-seqs", type=int, default=12, help="held-out sequences for loss recovered / KL (0 skips)")
     p.add_argument("--lm-batch-size", type=int, default=4)
     p.add_argument("--lm-prefix-lens", type=lambda s: [int(t) for t in s.split(",")], default=None,
                    help="prefixes for the LM metrics (default: the nested sizes)")
