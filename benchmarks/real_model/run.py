@@ -47,7 +47,7 @@ from tqdm import tqdm
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import load_coder
 from matryoshka_plugin.atomic import atomic_write
-from matryoshka_plugin.clt import ActivationCache
+from matryoshka_plugin.clt import ActivationCache, CLTError
 from matryoshka_plugin.evaluation import (
     prefix_curve,
     reorder_by_mean_squared_activation,
@@ -472,7 +472,11 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = run(a)
+    try:
+        result = run(a)
+    except CLTError as e:  # a missing cache or a layer it does not hold
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
     result["wall_s"]["total"] = time.time() - started
     write_json(result, out / "results.json")
     write_markdown(result, out / "results.md")
