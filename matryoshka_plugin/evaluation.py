@@ -490,6 +490,25 @@ def plot_report(result: dict, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def machine_description() -> str:
+    """CPU model, CPU count, torch threads and version, platform: what a benchmark ran on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs (torch threads {torch.get_num_threads()}), "
+        f"torch {torch.__version__}, {platform.platform()}"
+    )
+
+
 def write_json(obj, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

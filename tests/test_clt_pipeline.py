@@ -24,11 +24,11 @@ from matryoshka_plugin.adapters.clt import (
     CLTConfig,
     CLTError,
     MatryoshkaCLT,
-    detect_clt_training,
     load_clt,
     save_clt,
     shared_nested_sizes,
 )
+from matryoshka_plugin.adapters.installed_sparsify import detect_clt_training
 from matryoshka_plugin.clt import (
     ActivationCache,
     CLTTrainConfig,

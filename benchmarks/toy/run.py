@@ -28,7 +28,6 @@ or train only some baselines and merge them into the existing results.json:
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
-from matryoshka_plugin.evaluation import prefix_curve, reorder_by_mean_squared_activation, write_json
+from matryoshka_plugin.evaluation import machine_description, prefix_curve, reorder_by_mean_squared_activation, write_json
 from matryoshka_plugin.atomic import atomic_write_text
 from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.toy import ToyConfig, ToyModel, ground_truth_metrics
@@ -114,20 +113,6 @@ def fit_row_order(n_rows: int, seed: int) -> torch.Tensor:
     """The row order ``fit_activations`` trains on (per epoch), mirrored for SAELens."""
     n = (n_rows // FIT_SEQ_LEN) * FIT_SEQ_LEN
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.platform()}"
 
 
 def summarise(values: list[float]) -> dict:
@@ -274,7 +259,7 @@ def run(args, merge_into: dict | None = None) -> dict:
         }
     provenance = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "machine": machine_description(),
         "command": "python benchmarks/toy/run.py " + " ".join(sys.argv[1:]),
         "seconds": round(time.time() - started, 1),
     }

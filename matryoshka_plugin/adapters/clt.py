@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .installed_sparsify import CLTTrainingInstalledError, detect_clt_training, require_pypi_sparsify
+from .installed_sparsify import require_pypi_sparsify
 from ..core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
