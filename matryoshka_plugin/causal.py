@@ -232,13 +232,29 @@ def mechanistic_fidelity(
 
 @torch.no_grad()
 def top_features(
-    model, tokens: Tensor, n: int, *, prefix_len: int | None = None, max_layer: int | None = None
+    model,
+    tokens: Tensor,
+    n: int,
+    *,
+    prefix_len: int | None = None,
+    max_layer: int | None = None,
+    min_position: int = 1,
 ) -> list[Feature]:
-    """The ``n`` strongest active features (position >= 1, layer <= ``max_layer``) inside the prefix."""
+    """The ``n`` strongest active features inside the prefix, at layers <= ``max_layer`` and
+    positions >= ``min_position``.
+
+    Position 0 (BOS) is always left out. The first token after it carries outsized
+    activations in many models, so ``min_position=2`` picks features where the prompt's
+    own computation happens.
+    """
+    if min_position < 1 or min_position >= tokens.shape[-1]:
+        raise CausalError(
+            f"min_position {min_position} leaves no position; allowed: 1..{tokens.shape[-1] - 1}"
+        )
     with _context(model, prefix_len):
         _, acts = model.get_activations(tokens)
     acts = acts.clone()
-    acts[:, 0] = 0
+    acts[:, :min_position] = 0
     if max_layer is not None:
         acts[max_layer + 1 :] = 0
     vals, flat = acts.flatten().topk(min(n, acts.numel()))
@@ -259,6 +275,7 @@ def prefix_causal_report(
     *,
     factors: Sequence[float] = (0.0, 2.0),
     n_features: int = 4,
+    min_position: int = 1,
     show_progress: bool = True,
 ) -> list[dict]:
     """Per prefix length: fidelity and logit effects of patching the strongest features.
@@ -273,7 +290,10 @@ def prefix_causal_report(
     for p in prefix_lens:
         for prompt in prompts:
             tokens = tokenize(model, prompt)
-            feats = top_features(model, tokens, n_features, prefix_len=p, max_layer=model.cfg.n_layers - 2)
+            feats = top_features(
+                model, tokens, n_features, prefix_len=p, max_layer=model.cfg.n_layers - 2,
+                min_position=min_position,
+            )
             for feat in feats:
                 for factor in factors:
                     fid = mechanistic_fidelity(model, tokens, [feat], factor, prefix_len=p)

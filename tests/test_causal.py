@@ -106,6 +106,15 @@ def test_fidelity_is_one_when_nothing_is_downstream(model, tokens):
     assert fid.cosine == pytest.approx(1.0, abs=1e-6) and fid.nmse == pytest.approx(0.0, abs=1e-6)
 
 
+def test_top_features_respect_min_position(model, tokens):
+    feats = top_features(model, tokens, 50, min_position=2)
+    assert feats and all(p >= 2 for _, p, _ in feats)
+    # Without the floor, the strongest features may sit at position 1; with it they never do.
+    assert all(p >= 1 for _, p, _ in top_features(model, tokens, 50))
+    with pytest.raises(CausalError, match="min_position"):
+        top_features(model, tokens, 1, min_position=tokens.shape[-1])
+
+
 def test_prefix_report_rows(model):
     rows = prefix_causal_report(model, [PROMPT], [NESTED[0], None], factors=(0.0,), n_features=2)
     assert {r["prefix_len"] for r in rows} == {NESTED[0], None}

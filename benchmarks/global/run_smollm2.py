@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--global-layers", default="0-3")
     ap.add_argument("--n-tokens", type=int, default=3000)
     ap.add_argument("--n-features", type=int, default=4)
+    ap.add_argument("--min-position", type=int, default=1, help="patch only features at positions >= this (1: all but BOS)")
     ap.add_argument("--skip-global", action="store_true")
     ap.add_argument("--name", default="smollm2_causal", help="stem of the causal result files under results/")
     ap.add_argument("--label", default=None, help="how the report describes the transcoders (default: the attribution run's)")
@@ -75,13 +76,15 @@ def main() -> None:
     model = load_local_replacement_model("smollm2", tc)
     meta["load_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    rows = prefix_causal_report(model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features)
+    rows = prefix_causal_report(
+        model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features, min_position=args.min_position
+    )
     meta["causal_seconds"] = time.perf_counter() - start
     (res / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
         f"SmolLM2-135M, {args.label or f'Matryoshka TopK transcoders from the attribution run ({args.checkpoint})'}; prompts {PROMPTS};",
-        f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= 1).",
+        f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= {args.min_position}).",
         "",
     ]
     table, summary = summarise_fidelity(rows, args.prefix_lens)
