@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparsify import SparseCoder, SparseCoderConfig
 
-from matryoshka_plugin.adapters.clt import CLTConfig, MatryoshkaCLT
+from matryoshka_plugin.adapters.clt import CLTConfig, MatryoshkaCLT, load_clt, save_clt
 from matryoshka_plugin.adapters.sparsify import (
     MatryoshkaSparseCoder,
     MatryoshkaSparseCoderConfig,
@@ -239,3 +239,12 @@ def test_one_layer_clt_equals_sparsify_transcoder(matryoshka):
     g_clt = torch.autograd.grad(out.loss, [clt.W_enc[0], clt.W_dec[0]])
     torch.testing.assert_close(g_clt[0], g_ref[0])
     torch.testing.assert_close(g_clt[1][:, 0], g_ref[1])
+
+
+def test_plain_narrow_clt_has_one_level(tmp_path):
+    # Group fractions only apply with matryoshka=True; a width-8 plain CLT must build,
+    # and save and load as one level.
+    clt = MatryoshkaCLT(4, [0, 1], CLTConfig(num_latents=8, k=2))
+    assert clt.nested_sizes == [8]
+    assert clt.step_sizes() == [8]
+    assert load_clt(save_clt(clt, tmp_path / "clt")).nested_sizes == [8]

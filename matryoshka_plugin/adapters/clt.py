@@ -442,16 +442,15 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> Matryoshka
     path = Path(path)
     d = read_clt_config(path)
     cfg = CLTConfig.from_dict(d["clt"])
-    if "nested_sizes_by_layer" in d:
+    clt = MatryoshkaCLT(int(d["d_model"]), list(d["layers"]), cfg, device=device)
+    if cfg.matryoshka and "nested_sizes_by_layer" in d:
         shared = shared_nested_sizes(d["nested_sizes_by_layer"])
         # Sampled schedules record the width only; fixed ones must match the config.
-        clt_sizes = cfg.resolve_nested_sizes(cfg.num_latents, cfg.k)
-        if shared and shared != clt_sizes:
+        if shared and shared != clt.nested_sizes:
             raise CLTError(
                 f"{path / CONFIG_FILE}: recorded nested sizes {shared} do not match the "
-                f"config's {clt_sizes}"
+                f"config's {clt.nested_sizes}"
             )
-    clt = MatryoshkaCLT(int(d["d_model"]), list(d["layers"]), cfg, device=device)
     clt.source = dict(d.get("source") or {})
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

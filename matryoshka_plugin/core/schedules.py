@@ -26,7 +26,9 @@ class PrefixSampler:
     def __init__(self, cfg: MatryoshkaConfig, num_latents: int, k: int):
         self.cfg = cfg
         self.num_latents = num_latents
-        self.fixed_sizes = cfg.resolve_nested_sizes(num_latents, k)
+        # A plain (non-Matryoshka) coder has one level, the full width: its group
+        # fractions are unused and must not reject a narrow dictionary.
+        self.fixed_sizes = cfg.resolve_nested_sizes(num_latents, k) if cfg.matryoshka else [num_latents]
         self.generator = torch.Generator().manual_seed(cfg.prefix_seed)
 
     @property
