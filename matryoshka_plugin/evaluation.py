@@ -329,11 +329,15 @@ def _hook_module(model, hookpoint: str):
 
 
 @contextmanager
-def spliced(model, coder, hookpoint: str, prefix_len: int | None = None, *, ablate=False):
+def spliced(
+    model, coder, hookpoint: str, prefix_len: int | None = None, *, ablate=False, first_position: int = 0
+):
     """Replace the hookpoint module's output by the coder's (or by zeros if ``ablate``).
 
     A transcoder reads the module's input, an autoencoder its output. Sequence
-    outputs that are tuples get their first element replaced.
+    outputs that are tuples get their first element replaced. Positions before
+    ``first_position`` keep the module's own output: a coder trained without position
+    0 (activation caches skip that outlier) is then neither tested nor ablated there.
     """
     module = _hook_module(model, hookpoint)
 
@@ -345,6 +349,8 @@ def spliced(model, coder, hookpoint: str, prefix_len: int | None = None, *, abla
             src = args[0] if coder.cfg.transcode else out
             flat = src.reshape(-1, src.shape[-1]).to(coder.dtype)
             new = reconstruct(coder, flat, prefix_len).view_as(out).to(out.dtype)
+        if first_position:
+            new = torch.cat([out[:, :first_position], new[:, first_position:]], dim=1)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = module.register_forward_hook(hook)
@@ -361,12 +367,15 @@ def spliced_lm_metrics(
     hookpoint: str,
     token_batches: Iterable[Tensor],
     prefix_lens: Sequence[int] | None = None,
+    *,
+    first_position: int = 0,
 ) -> dict:
     """Next-token CE, loss recovered and KL(clean || spliced) at each prefix length.
 
     Loss recovered is ``(ce_ablated - ce_spliced) / (ce_ablated - ce_clean)``, with the
     hookpoint's output zero-ablated as the reference. KL is averaged over predicted
     positions. ``token_batches`` are ``[batch, seq]`` token-id tensors without padding.
+    Splicing and ablation start at ``first_position`` (see ``spliced``).
     """
     lens = _checked_prefix_lens(coder, prefix_lens)
     sums = {"clean": 0.0, "ablated": 0.0}
@@ -387,10 +396,10 @@ def spliced_lm_metrics(
         clean = model(ids).logits
         clean_logp = clean[:, :-1].float().log_softmax(-1)
         sums["clean"] += float(next_token_ce(clean, ids))
-        with spliced(model, coder, hookpoint, ablate=True):
+        with spliced(model, coder, hookpoint, ablate=True, first_position=first_position):
             sums["ablated"] += float(next_token_ce(model(ids).logits, ids))
         for p in lens:
-            with spliced(model, coder, hookpoint, p):
+            with spliced(model, coder, hookpoint, p, first_position=first_position):
                 logits = model(ids).logits
             ce[p] += float(next_token_ce(logits, ids))
             logp = logits[:, :-1].float().log_softmax(-1)
@@ -599,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="local Hugging Face causal LM directory, for loss recovered / KL")
     p.add_argument("--tokens", type=Path, help="safetensors with 'input_ids' [sequences, length], needed with --model")
     p.add_argument("--splice-hookpoint", help="module to splice the coder into (default: the coder directory's name)")
+    p.add_argument("--splice-from-position", type=int, default=0,
+                   help="splice (and ablate) positions >= this; earlier ones keep the model's output "
+                   "(1 for coders trained without position 0)")
     p.add_argument("--lm-batch-size", type=int, default=8, help="sequences per language-model batch")
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON output path")
     p.add_argument("--plot", type=Path, help="PNG plot path (default: the JSON path with .png)")
@@ -617,6 +629,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--rsa-samples {args.rsa_samples} must be >= 0")
     if not 0 <= args.dense_threshold <= 1:
         raise UsageError(f"--dense-threshold {args.dense_threshold} must be in [0, 1]")
+    if args.splice_from_position < 0:
+        raise UsageError(f"--splice-from-position {args.splice_from_position} is negative; allowed: 0 or more")
     if (args.model is None) != (args.tokens is None):
         raise UsageError("--model and --tokens go together")
     coder_dir = resolve_coder_dir(args.checkpoint, args.hookpoint)
@@ -651,7 +665,8 @@ def run(args: argparse.Namespace) -> dict:
         model = model.to(args.device).eval()
         try:
             result["lm"] = spliced_lm_metrics(
-                model, coder, args.splice_hookpoint or coder_dir.name, batches, prefix_lens
+                model, coder, args.splice_hookpoint or coder_dir.name, batches, prefix_lens,
+                first_position=args.splice_from_position,
             )
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -282,6 +282,26 @@ def test_spliced_transcoder_in_llama_reaches_the_model():
     assert all(torch.isfinite(torch.tensor([r["loss_recovered"] for r in result["prefix"]])))
 
 
+def test_first_position_keeps_the_models_own_output_there():
+    from matryoshka_plugin.evaluation import spliced
+
+    model = tiny_llama()
+    coder = random_coder(16, 32, 4, 0, transcode=True)
+    ids = token_batches()[0]
+    with torch.no_grad():
+        clean = model(ids).logits
+        for ablate in (False, True):
+            with spliced(model, coder, "layers.1.mlp", ablate=ablate, first_position=1):
+                got = model(ids).logits
+            # Causal attention: position 0's logits see only position 0, left unspliced.
+            torch.testing.assert_close(got[:, 0], clean[:, 0])
+            assert not torch.allclose(got[:, 1:], clean[:, 1:])
+    # Splicing from past the sequence changes nothing: every number equals the clean run.
+    result = spliced_lm_metrics(model, coder, "layers.1.mlp", token_batches(), [32], first_position=12)
+    assert result["prefix"][0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert result["ce_zero_ablated"] == pytest.approx(result["ce_clean"], rel=1e-6)
+
+
 def test_unknown_hookpoint_is_one_line():
     with pytest.raises(ValueError, match="not a submodule"):
         spliced_lm_metrics(tiny_gpt2(), identity_coder(16), "h.9.mlp", token_batches(), [32])
@@ -350,6 +370,7 @@ def test_cli_with_language_model(tmp_path):
         (["--data", "/nonexistent.safetensors"], "cannot read --data"),
         (["--hookpoint", "nope"], "--hookpoint 'nope'"),
         (["--model", "/tmp"], "--model and --tokens go together"),
+        (["--splice-from-position", "-1"], "--splice-from-position -1"),
     ],
 )
 def test_cli_bad_input_is_one_line_without_output(checkpoint, tmp_path, capsys, extra, message):

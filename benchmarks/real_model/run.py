@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
@@ -121,24 +121,6 @@ class SaeLensJumpReLUTranscoder:
     @torch.no_grad()
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-
-
-class FirstPositionClean(nn.Module):
-    """An MLP whose position-0 output is always the model's own.
-
-    The cache skips position 0 (its activations are outliers), so no transcoder here saw
-    it. Splicing (and zero-ablating) therefore covers positions 1.. only: the spliced
-    hook sits on ``.mlp`` and this wrapper puts the unhooked output back at position 0.
-    """
-
-    def __init__(self, mlp: nn.Module):
-        super().__init__()
-        self.mlp = mlp
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.mlp(x)
-        first = self.mlp.forward(x[:, :1])  # .forward bypasses the splice hook
-        return torch.cat([first, out[:, 1:]], dim=1)
 
 
 def split_cache(n_tokens: int, seq_tokens: int, test_fraction: float) -> int:
@@ -362,21 +344,19 @@ def run(a) -> dict:
         n_lm_tokens = ids.shape[0] * (ids.shape[1] - 1)
         wall["lm/load"] = time.time() - t
         bar.update()
-        decoder_layers = model.model.layers
+        # The cache skips position 0 (its activations are outliers), so no transcoder
+        # here saw it: splice and ablate positions 1.. only, unless asked otherwise.
+        first_position = 0 if a.splice_position_0 else 1
         for layer in layers:
             lm[str(layer)] = {}
-            original = decoder_layers[layer].mlp
-            if not a.splice_position_0:
-                decoder_layers[layer].mlp = FirstPositionClean(original)
-            hookpoint = f"layers.{layer}.mlp" + ("" if a.splice_position_0 else ".mlp")
-            try:
-                for name in BASELINES:
-                    t = stage(f"L{layer} LM {name}")
-                    lm[str(layer)][name] = spliced_lm_metrics(model, coders[layer][name], hookpoint, batches, lm_lens)
-                    wall[f"layer{layer}/lm_{name}"] = time.time() - t
-                    bar.update()
-            finally:
-                decoder_layers[layer].mlp = original
+            for name in BASELINES:
+                t = stage(f"L{layer} LM {name}")
+                lm[str(layer)][name] = spliced_lm_metrics(
+                    model, coders[layer][name], f"layers.{layer}.mlp", batches, lm_lens,
+                    first_position=first_position,
+                )
+                wall[f"layer{layer}/lm_{name}"] = time.time() - t
+                bar.update()
     bar.close()
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
