@@ -276,13 +276,20 @@ def prefix_causal_report(
     factors: Sequence[float] = (0.0, 2.0),
     n_features: int = 4,
     min_position: int = 1,
+    max_layer: int | None = None,
     show_progress: bool = True,
 ) -> list[dict]:
     """Per prefix length: fidelity and logit effects of patching the strongest features.
 
     Features come from the truncated model (so they lie inside the prefix) and from
-    layers before the last (so there is something downstream).
+    layers up to ``max_layer`` (default: the one before the last, so there is something
+    downstream; a lower one keeps features with several layers downstream, where
+    fidelity is a harder test).
     """
+    if max_layer is None:
+        max_layer = model.cfg.n_layers - 2
+    if not 0 <= max_layer <= model.cfg.n_layers - 2:
+        raise CausalError(f"max_layer {max_layer} is out of range; allowed: 0..{model.cfg.n_layers - 2}")
     from tqdm.auto import tqdm
 
     rows = []
@@ -291,8 +298,7 @@ def prefix_causal_report(
         for prompt in prompts:
             tokens = tokenize(model, prompt)
             feats = top_features(
-                model, tokens, n_features, prefix_len=p, max_layer=model.cfg.n_layers - 2,
-                min_position=min_position,
+                model, tokens, n_features, prefix_len=p, max_layer=max_layer, min_position=min_position,
             )
             for feat in feats:
                 for factor in factors:

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--n-tokens", type=int, default=3000)
     ap.add_argument("--n-features", type=int, default=4)
     ap.add_argument("--min-position", type=int, default=1, help="patch only features at positions >= this (1: all but BOS)")
+    ap.add_argument("--max-layer", type=int, default=28, help="patch only features at layers <= this")
     ap.add_argument("--skip-global", action="store_true")
     ap.add_argument("--name", default="smollm2_causal", help="stem of the causal result files under results/")
     ap.add_argument("--label", default=None, help="how the report describes the transcoders (default: the attribution run's)")
@@ -77,14 +78,15 @@ def main() -> None:
     meta["load_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     rows = prefix_causal_report(
-        model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features, min_position=args.min_position
+        model, PROMPTS, args.prefix_lens, factors=(0.0, 2.0), n_features=args.n_features, min_position=args.min_position,
+        max_layer=args.max_layer,
     )
     meta["causal_seconds"] = time.perf_counter() - start
     (res / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
         f"SmolLM2-135M, {args.label or f'Matryoshka TopK transcoders from the attribution run ({args.checkpoint})'}; prompts {PROMPTS};",
-        f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..28, positions >= {args.min_position}).",
+        f"{args.n_features} strongest active features inside each prefix per prompt (layers 0..{args.max_layer}, positions >= {args.min_position}).",
         "",
     ]
     table, summary = summarise_fidelity(rows, args.prefix_lens)
