@@ -275,6 +275,12 @@ class LayerEdges:
     edges: Edges
 
 
+def residual_encoder(weight: Tensor, gain: Tensor | None) -> Tensor:
+    """A target encoder in residual-stream coordinates: the pre-MLP norm gain folded in."""
+    enc = weight.detach().float()
+    return enc if gain is None else enc * gain.to(enc)
+
+
 def build_global_graph(
     coders: dict[int, object],
     stats: CoactivationStats,
@@ -289,10 +295,7 @@ def build_global_graph(
     out = []
     for a, b in stats.layer_pairs():
         dec = coders[a].W_dec.detach().float()
-        enc = coders[b].encoder.weight.detach().float()
-        gain = (gains or {}).get(b)
-        if gain is not None:
-            enc = enc * gain.to(enc)
+        enc = residual_encoder(coders[b].encoder.weight, (gains or {}).get(b))
         edges = era_edges(stats, a, b, dec, enc, prefix_len=prefix_len, k=k, threshold=threshold, rank_by=rank_by)
         out.append(LayerEdges(a, b, edges))
     return out
@@ -321,10 +324,7 @@ def build_clt_global_graph(
             dec = dec[: check_prefix(prefix_len, clt.num_latents)]
         targets = [b for b in layers if b > a]
         for b, eff in clt_effective_decoders(dec, clt.layers, slot, targets):
-            enc = clt.W_enc[clt.layers.index(b)].detach().float()
-            gain = (gains or {}).get(b)
-            if gain is not None:
-                enc = enc * gain.to(enc)
+            enc = residual_encoder(clt.W_enc[clt.layers.index(b)], (gains or {}).get(b))
             edges = era_edges(stats, a, b, eff, enc, prefix_len=prefix_len, k=k, threshold=threshold, rank_by=rank_by)
             out.append(LayerEdges(a, b, edges))
     return out
