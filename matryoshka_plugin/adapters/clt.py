@@ -77,11 +77,6 @@ class CLTConfig(MatryoshkaConfig):
             raise MatryoshkaConfigError(
                 f"num_latents={self.num_latents} and k={self.k} must be positive"
             )
-        if self.nested_decoders and self.stop_gradient:
-            raise MatryoshkaConfigError(
-                "stop_gradient=True needs the shared decoder; with nested_decoders=True "
-                "each level already has its own decoder"
-            )
 
     def to_dict(self) -> dict:
         return asdict(self)

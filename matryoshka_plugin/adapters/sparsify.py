@@ -62,14 +62,6 @@ THRESHOLD_KEY = "batch_topk_threshold"
 class MatryoshkaSparseCoderConfig(MatryoshkaConfig, SparseCoderConfig):
     """sparsify's ``SparseCoderConfig`` with the Matryoshka options added."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.nested_decoders and self.stop_gradient:
-            raise MatryoshkaConfigError(
-                "stop_gradient=True needs the shared decoder; with nested_decoders=True "
-                "each level already has its own decoder"
-            )
-
 
 @dataclass
 class MatryoshkaTrainConfig(TrainConfig):

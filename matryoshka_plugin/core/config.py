@@ -68,6 +68,11 @@ class MatryoshkaConfig:
     def validate_matryoshka(self) -> None:
         """Check every option that does not depend on the dictionary width."""
         bad = MatryoshkaConfigError
+        if self.nested_decoders and self.stop_gradient:
+            raise bad(
+                "stop_gradient=True needs the shared decoder; with nested_decoders=True "
+                "each level already has its own decoder"
+            )
         if self.prefix_schedule not in PREFIX_SCHEDULES:
             raise bad(
                 f"prefix_schedule={self.prefix_schedule!r} is unknown; "
