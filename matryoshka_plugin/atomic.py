@@ -1,5 +1,7 @@
 """Crash-safe writing of files and whole directories (no torch, no upstream imports).
 
+Every file and directory the plugin writes goes through here.
+
 A directory is written into a temporary sibling and swapped into place only when it is
 complete, so a process killed at any moment leaves either the previous complete
 directory or the new one, never a mix:
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .core.errors import UsageError
 
 TMP_SUFFIX = ".tmp"
 READY_TAG = ".ready-"
@@ -183,13 +187,21 @@ def _link_or_copy(src, dst) -> None:
 
 
 @contextmanager
-def atomic_dir(target: Path | str) -> Iterator[Path]:
+def atomic_dir(target: Path | str, *, overwrite: bool = True, error=UsageError) -> Iterator[Path]:
     """Yield a temporary sibling of ``target``; swap it into place if the block succeeds.
 
-    A failure inside the block removes the temporary and leaves ``target`` untouched.
+    A failure (or Ctrl-C) inside the block removes the temporary and leaves ``target``
+    untouched. With ``overwrite=False`` an existing ``target`` is refused up front, and a
+    parent that cannot be created (say, a regular file) is reported, both as ``error``.
     """
-    target = Path(target)
-    tmp = staging_dir(target)
+    target = Path(target).absolute()
+    if not overwrite and target.exists():
+        what = "directory" if target.is_dir() else "file"
+        raise error(f"output {target} already exists ({what}); choose a new path or pass overwrite")
+    try:
+        tmp = staging_dir(target)
+    except OSError as e:
+        raise error(f"cannot create output {target}: {e.strerror} ({e.filename})") from None
     try:
         yield tmp
         commit_dir(tmp, target)

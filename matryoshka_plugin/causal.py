@@ -29,13 +29,11 @@ import torch
 from torch import Tensor
 
 from .adapters.circuit_tracer.truncation import prefix_truncation, transcoder_width
+from .core.errors import CausalError
 
 Feature = tuple[int, int, int]
 """(layer, position, feature index)."""
 
-
-class CausalError(ValueError):
-    """A patch is not well defined; the message names the bad value and what is allowed."""
 
 
 def _context(model, prefix_len):

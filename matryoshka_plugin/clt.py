@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir
 from .adapters.circuit_tracer.export import (
     ExportError,
-    atomic_output_dir,
     hookpoint_layer,
     write_config_yaml,
     write_nested_sizes,
@@ -191,7 +191,7 @@ def cache_activations(
         "input": "MLP input (after the pre-MLP norm)",
         "output": "MLP output",
     }
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         for i in layers:
             save_file(
                 {
@@ -586,7 +586,7 @@ def export_clt(
             t = thresholds[slot[i]] if i in slot else torch.zeros(())
             enc[f"threshold_{i}"] = (t.expand(M) if t.ndim == 0 else t).contiguous().clone()
     sizes = clt.nested_sizes if clt.cfg.matryoshka else None
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         for i, (enc, dec) in tensors.items():
             save_file(enc, str(tmp / f"W_enc_{i}.safetensors"))
             save_file(dec, str(tmp / f"W_dec_{i}.safetensors"))
@@ -647,7 +647,7 @@ def export_per_layer(
                 "circuit-tracer needs one shape for all layers"
             )
     written = "jumprelu" if first.cfg.batch_topk else "topk"
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         for layer, c in sorted(by_layer.items()):
             tensors = {"W_enc": c.W_enc[0], "b_enc": c.b_enc[0], "W_dec": c.W_dec[0][:, 0], "b_dec": c.b_dec[0]}
             if c.cfg.batch_topk:

@@ -32,6 +32,7 @@ from .adapters.sparsify import (
     load_coder,
 )
 from .core import MatryoshkaConfigError
+from .core.errors import UsageError
 from .offline import (
     AUSTEN_NOVELS,
     SMOLLM2,
@@ -46,9 +47,6 @@ RESULTS_JSON = "prefix_fvu.json"
 RESULTS_PNG = "prefix_fvu.png"
 
 
-class DemoError(ValueError):
-    """A demo option is out of range; the message names it and what is allowed."""
-
 
 def hookpoint(layer: int) -> str:
     return f"layers.{layer}.mlp"
@@ -62,7 +60,7 @@ def truncate_layers(base_model, n_layers: int) -> None:
     """
     total = len(base_model.layers)
     if not 1 <= n_layers <= total:
-        raise DemoError(f"the model has layers 0..{total - 1}; asked for {n_layers} layers")
+        raise UsageError(f"the model has layers 0..{total - 1}; asked for {n_layers} layers")
     base_model.layers = base_model.layers[:n_layers]
     base_model.config.num_hidden_layers = n_layers
 
@@ -193,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     for name in ("num_latents", "k", "ctx_len", "batch_size", "steps", "eval_tokens"):
         if getattr(args, name) < 1:
-            raise DemoError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     if args.k > args.num_latents:
-        raise DemoError(f"--k={args.k} must not exceed --num-latents={args.num_latents}")
+        raise UsageError(f"--k={args.k} must not exceed --num-latents={args.num_latents}")
     if args.lr_warmup_steps < 0:
-        raise DemoError(f"--lr-warmup-steps={args.lr_warmup_steps} must be >= 0")
+        raise UsageError(f"--lr-warmup-steps={args.lr_warmup_steps} must be >= 0")
     if any(layer < 0 for layer in args.layers) or len(set(args.layers)) != len(args.layers):
-        raise DemoError(f"--layers={args.layers} must be distinct non-negative layer indices")
+        raise UsageError(f"--layers={args.layers} must be distinct non-negative layer indices")
 
 
 def run(args) -> dict:
@@ -208,7 +206,7 @@ def run(args) -> dict:
     out = Path(args.out)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise DemoError(f"--out {out}: {existing} is a file, not a directory")
+        raise UsageError(f"--out {out}: {existing} is a file, not a directory")
     layers = sorted(args.layers)
     t0, cpu0 = time.perf_counter(), time.process_time()
 
@@ -223,7 +221,7 @@ def run(args) -> dict:
     train = austen_dataset(tokenizer, args.ctx_len, "train", novels=args.novels)
     need = args.steps * args.batch_size
     if need > len(train):
-        raise DemoError(
+        raise UsageError(
             f"--steps={args.steps} x --batch-size={args.batch_size} needs {need} sequences "
             f"but the training split has {len(train)} at --ctx-len={args.ctx_len}"
         )
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = run(args)
-    except (DemoError, OfflineAssetError, MatryoshkaConfigError) as e:
+    except (UsageError, OfflineAssetError, MatryoshkaConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_text
-from .core.truncation import check_prefix_len, truncate_sparse
+from .core.prefixes import check_prefix_len
+from .core.truncation import truncate_sparse
+from .core.errors import UsageError
 
 DEFAULT_CHUNK = 4096
 
@@ -523,9 +525,6 @@ def write_json(obj, path: str | Path) -> None:
 
 
 # -- CLI ------------------------------------------------------------------------
-class UsageError(Exception):
-    """A bad command-line value; reported as one line, without a traceback."""
-
 
 def resolve_coder_dir(path: Path, hookpoint: str | None) -> Path:
     """A coder directory (with cfg.json), from itself or from a run directory."""

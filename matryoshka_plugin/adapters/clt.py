@@ -44,15 +44,13 @@ WEIGHTS_FILE = "clt.safetensors"
 FORMAT = "matryoshka-clt/1"
 
 
-class CLTError(ValueError):
-    """A CLT, its cache or its checkpoint does not fit what was asked; the message says why."""
-
 
 require_pypi_sparsify()
 
 from sparsify.fused_encoder import EncoderOutput, fused_encoder  # noqa: E402
 
-from .circuit_tracer.export import atomic_output_dir  # noqa: E402
+from ..atomic import atomic_dir  # noqa: E402
+from ..core.errors import CLTError
 
 
 @dataclass
@@ -406,7 +404,7 @@ def save_clt(clt: MatryoshkaCLT, path: str | Path, extra_files: dict | None = No
     from safetensors.torch import save_model
 
     path = Path(path)
-    with atomic_output_dir(path, overwrite=True) as tmp:
+    with atomic_dir(path) as tmp:
         save_model(clt, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(clt.config_dict(), indent=1))
         for name, write in (extra_files or {}).items():

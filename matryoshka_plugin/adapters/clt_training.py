@@ -56,12 +56,8 @@ from ..core import (
     level_decodes,
     nested_fvu,
 )
+from ..core.errors import CLTTrainingNotInstalledError
 from .installed_sparsify import detect_clt_training
-
-
-class CLTTrainingNotInstalledError(RuntimeError):
-    """The installed ``sparsify`` is not EleutherAI clt-training."""
-
 
 if detect_clt_training() is None:
     raise CLTTrainingNotInstalledError(

@@ -9,10 +9,8 @@ the plugin's PyPI adapters refuse it with one line before any ``import sparsify`
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+from ..core.errors import CLTTrainingInstalledError
 
-
-class CLTTrainingInstalledError(RuntimeError):
-    """The installed ``sparsify`` is EleutherAI clt-training, not PyPI eai-sparsify."""
 
 
 def detect_clt_training(package_dirs: list[str] | None = None) -> str | None:

@@ -52,6 +52,7 @@ from ..core import (
     truncate_sparse,
 )
 from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
+from ..core.errors import CheckpointError
 
 MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -391,9 +392,6 @@ class MatryoshkaTrainer(Trainer):
             return k
         return super().get_current_k()
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, truncated or inconsistent."""
 
 
 def read_coder_config(path: Path | str) -> tuple[dict, int]:

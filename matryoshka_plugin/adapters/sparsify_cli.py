@@ -34,12 +34,10 @@ from ..atomic import recover_dir
 from ..core import MatryoshkaConfigError
 from ..offline import OfflineAssetError, resolve_model
 from .sparsify import CheckpointError, MatryoshkaSparseCoderConfig, MatryoshkaTrainer
+from ..core.errors import UsageError
 
 PROG = "sparsify-matryoshka"
 
-
-class UsageError(ValueError):
-    """A user-supplied value is not usable; the message names it and what is allowed."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ loaded); checks that need the dictionary width run in ``resolve_nested_sizes``.
 
 from dataclasses import dataclass, field
 from typing import Literal
+from .errors import MatryoshkaConfigError
 
 PrefixScheduleName = Literal["fixed", "pareto", "uniform"]
 PREFIX_SCHEDULES: tuple[str, ...] = ("fixed", "pareto", "uniform")
@@ -13,9 +14,6 @@ PREFIX_SCHEDULES: tuple[str, ...] = ("fixed", "pareto", "uniform")
 # Bussmann et al. (2025): groups of 1/16, 1/16, 1/8, 1/4 and 1/2 of the width.
 BUSSMANN_GROUP_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
-
-class MatryoshkaConfigError(ValueError):
-    """A Matryoshka option has a value that is not allowed; the message says which."""
 
 
 @dataclass

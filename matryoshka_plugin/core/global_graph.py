@@ -40,10 +40,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from .errors import GlobalGraphError
 
-
-class GlobalGraphError(ValueError):
-    """An input to the global graph is not usable; the message names it."""
 
 
 class Edges(NamedTuple):

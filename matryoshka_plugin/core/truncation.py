@@ -9,15 +9,6 @@ import torch
 from torch import Tensor, nn
 
 
-def check_prefix_len(prefix_len: int, width: int) -> int:
-    """Return ``prefix_len`` if it is a valid prefix of ``width`` latents, else raise."""
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
-        raise ValueError(f"prefix length {prefix_len!r} must be an integer in 1..{width}")
-    if not 1 <= prefix_len <= width:
-        raise ValueError(f"prefix length {prefix_len} is out of range; allowed: 1..{width}")
-    return prefix_len
-
-
 def truncate_dense(acts: Tensor, prefix_len: int) -> Tensor:
     """Dense activations ``[..., width]`` with every latent ``>= prefix_len`` zeroed."""
     keep = torch.arange(acts.shape[-1], device=acts.device) < prefix_len

@@ -23,10 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from ..core.errors import AssetError
 
-
-class AssetError(RuntimeError):
-    """The offline viewer assets cannot be prepared; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

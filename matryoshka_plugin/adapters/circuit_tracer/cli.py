@@ -23,20 +23,18 @@ from unittest.mock import patch
 
 from ...atomic import atomic_write, atomic_write_text
 from ...core.config import MatryoshkaConfigError
-from ...core.truncation import check_prefix_len
+from ...core.prefixes import check_prefix_len
 from ..sparsify import CheckpointError
 from .export import ACTIVATIONS, ExportError, export_transcoder_set, hookpoint_layer
-from .local_model import LocalModelError, check_transcoders_fit, is_local_model
+from .local_model import check_transcoders_fit, is_local_model
+from ...core.errors import UsageError
 
 PROG_EXPORT = "matryoshka-export"
 PROG_ATTRIBUTE = "circuit-tracer-matryoshka"
 
 
-class UsageError(ValueError):
-    """A command-line value is not allowed; the message names it and what is allowed."""
 
-
-USER_ERRORS = (UsageError, CheckpointError, ExportError, LocalModelError, MatryoshkaConfigError)
+USER_ERRORS = (UsageError, CheckpointError, ExportError, MatryoshkaConfigError)
 
 
 def _fail(prog: str, error: BaseException) -> None:

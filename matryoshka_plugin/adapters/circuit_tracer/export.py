@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,8 +24,9 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ...atomic import commit_dir, staging_dir
+from ...atomic import atomic_dir
 from ..sparsify import CheckpointError, load_coder
+from ...core.errors import ExportError
 
 NESTED_SIZES_FILE = "matryoshka.json"
 CONFIG_FILE = "config.yaml"
@@ -39,9 +38,6 @@ TOPK_KIND_PREFIX = "matryoshka_topk_"
 BASE_MODEL_KINDS = ("transcoder_set", "cross_layer_transcoder")
 ACTIVATIONS = ("topk", "jumprelu")
 
-
-class ExportError(ValueError):
-    """An export input or option is not usable; the message says which and why."""
 
 
 # -- hook names -------------------------------------------------------------------
@@ -157,29 +153,6 @@ def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
 # -- atomic directory writing ---------------------------------------------------------
 
 
-@contextmanager
-def atomic_output_dir(out_dir: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir``; rename it into place only on success.
-
-    A failure (or Ctrl-C) inside the block leaves no ``out_dir`` and no temporary.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not (out_dir.is_dir() and overwrite):
-        what = "directory" if out_dir.is_dir() else "file"
-        raise ExportError(f"output {out_dir} already exists ({what}); choose a new path or pass overwrite")
-    try:
-        tmp = staging_dir(out_dir)
-    except OSError as e:  # e.g. a parent that is a regular file
-        raise ExportError(f"cannot create output {out_dir}: {e.strerror} ({e.filename})") from None
-    try:
-        yield tmp
-        # An overwrite is one atomic exchange on Linux; see matryoshka_plugin.atomic.
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # -- finding and converting sparsify coders ----------------------------------------------
 
 
@@ -282,7 +255,7 @@ def export_transcoder_set(
             raise ExportError(f"calibration activations lack layers {missing}")
 
     written_activation = "jumprelu" if exact_threshold else activation
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         for layer, (hp, coder) in coders.items():
             tensors = coder_tensors(coder)
             if exact_threshold:
@@ -318,7 +291,6 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "NESTED_SIZES_FILE",
-    "atomic_output_dir",
     "base_model_kind",
     "coder_nested_sizes",
     "coder_tensors",

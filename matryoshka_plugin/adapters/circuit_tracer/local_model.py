@@ -20,12 +20,10 @@ import torch
 from circuit_tracer import ReplacementModel
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+from ...core.errors import UsageError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
-
-class LocalModelError(ValueError):
-    """A local model path cannot be used; the message says why."""
 
 
 def is_local_model(spec: str | None) -> bool:
@@ -39,10 +37,10 @@ def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
-        raise LocalModelError(f"{path} has no config.json; a local model is an HF model directory or a .gguf file")
+        raise UsageError(f"{path} has no config.json; a local model is an HF model directory or a .gguf file")
     arch = (AutoConfig.from_pretrained(path).architectures or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise LocalModelError(f"{path}: architecture {arch} is not supported; allowed: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UsageError(f"{path}: architecture {arch} is not supported; allowed: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), path
 
 
@@ -52,7 +50,7 @@ def _gguf_to_hf_dir(spec: str) -> Path:
     try:
         return Path(resolve_model(spec))
     except OfflineAssetError as e:
-        raise LocalModelError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def local_tl_config(
@@ -100,7 +98,7 @@ def local_tl_config(
     scaling = getattr(hf, "rope_scaling", None)
     if scaling:
         if scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise LocalModelError(f"{model_dir}: rope_scaling {scaling} is not supported; allowed: none, llama3")
+            raise UsageError(f"{model_dir}: rope_scaling {scaling} is not supported; allowed: none, llama3")
         cfg.update(
             use_NTK_by_parts_rope=True,
             NTK_by_parts_factor=scaling["factor"],
@@ -127,7 +125,7 @@ def load_local_replacement_model(
     else:
         path = Path(spec).absolute()
     if not path.is_dir():
-        raise LocalModelError(f"model {path} is neither a directory nor a .gguf file")
+        raise UsageError(f"model {path} is neither a directory nor a .gguf file")
     hf_model, model_dir = _load_hf(path, dtype)
     cfg = local_tl_config(model_dir, device=device, dtype=dtype)
     check_transcoders_fit(cfg, transcoders)
@@ -143,7 +141,7 @@ def check_transcoders_fit(cfg, transcoders) -> None:
     n_layers = transcoders.n_layers
     d_model = transcoders.d_model if hasattr(transcoders, "d_model") else transcoders[0].d_model
     if (n_layers, d_model) != (cfg.n_layers, cfg.d_model):
-        raise LocalModelError(
+        raise UsageError(
             f"transcoders have {n_layers} layers of width d_model={d_model}, the model "
             f"{cfg.n_layers} layers of d_model={cfg.d_model}; they must match"
         )
@@ -166,10 +164,10 @@ def load_tl_weights(model, state_dict: dict) -> None:
     own = model.state_dict()
     unknown = sorted(set(remapped) - set(own))
     if unknown:
-        raise LocalModelError(f"converted weights have keys the model lacks: {unknown[:5]}")
+        raise UsageError(f"converted weights have keys the model lacks: {unknown[:5]}")
     missing = [k for k in own if k not in remapped and not k.startswith("transcoders.") and not _is_buffer(model, k)]
     if missing:
-        raise LocalModelError(f"converted weights lack {missing[:5]}")
+        raise UsageError(f"converted weights lack {missing[:5]}")
     with torch.no_grad():
         for key, value in remapped.items():
             own[key].copy_(value.to(own[key].dtype))
@@ -184,6 +182,6 @@ def check_bos(model) -> None:
     tok = model.tokenizer
     candidates = [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *tok.all_special_ids]
     if not any(candidates):
-        raise LocalModelError(
+        raise UsageError(
             "the tokenizer has no special token with a non-zero id; circuit-tracer needs one to prepend as BOS"
         )

@@ -33,7 +33,8 @@ from circuit_tracer.transcoder.single_layer_transcoder import TranscoderSet, loa
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ...core.truncation import PrefixActivation, check_prefix_len, truncate_dense
+from ...core.prefixes import check_prefix_len
+from ...core.truncation import PrefixActivation, truncate_dense
 from ..sparsify import CheckpointError
 from .activations import TopKReLU
 from .export import CONFIG_FILE, ExportError, base_model_kind, read_nested_sizes
