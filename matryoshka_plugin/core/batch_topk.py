@@ -3,7 +3,10 @@
 Tokens then hold different numbers of active latents. To keep sparsify's
 ``[tokens, K]`` (values, indices) layout, every token is padded to the largest count
 in the batch with copies of its own strongest latent at activation 0: decoding adds
-nothing, and a "did this latent fire" count is not fooled by padding.
+nothing, and a "did this latent fire" count is not fooled by padding. A token with no
+kept latent at all is padded with the batch's strongest kept latent, which did fire.
+(Only a batch in which nothing fired has no honest padding index; it pads with
+latent 0, the one case in which a fired-by-index count is wrong.)
 """
 
 import torch
@@ -20,7 +23,11 @@ def select_padded(pre_acts: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     ranked = torch.where(keep, pre_acts, pre_acts.new_tensor(-torch.inf))
     _, indices = ranked.topk(width, dim=-1, sorted=True)
     real = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
-    indices = torch.where(real, indices, indices[:, :1])
+    # topk over an all -inf row returns an arbitrary latent, which sparsify's trainer
+    # would then count as fired (so never dead, never revived by AuxK).
+    fired = ranked.flatten().argmax() % pre_acts.shape[-1] if keep.any() else 0
+    pad = torch.where(counts[:, None] > 0, indices[:, :1], fired)
+    indices = torch.where(real, indices, pad)
     values = pre_acts.gather(-1, indices) * real
     return values, indices
 
