@@ -9,7 +9,8 @@
   stop once the last needed layer has been seen.
 
 The CLT activation cache, the global graph's statistics pass and the demo's held-out
-activations all read MLPs through ``capture_mlps``.
+activations all read MLPs through ``capture_mlps``. A bad layer list or a model without
+recognisable MLPs raises ``CLTError`` (a ``UsageError``), as the CLT cache always has.
 """
 
 from __future__ import annotations

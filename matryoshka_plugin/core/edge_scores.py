@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
 from .errors import GlobalGraphError
 from .prefixes import check_prefix_len
 
