@@ -30,10 +30,25 @@ from torch import Tensor
 
 from .adapters.circuit_tracer.truncation import prefix_truncation, transcoder_width
 from .core.errors import CausalError
+from .core.prefixes import check_prefix_len
+
+__all__ = [
+    "Feature",
+    "Fidelity",
+    "PatchResult",
+    "constrained_patch",
+    "feature_values",
+    "iterative_patch",
+    "mechanistic_fidelity",
+    "plot_fidelity",
+    "prefix_causal_report",
+    "summarise_fidelity",
+    "tokenize",
+    "top_features",
+]
 
 Feature = tuple[int, int, int]
 """(layer, position, feature index)."""
-
 
 
 def _context(model, prefix_len):
@@ -42,8 +57,8 @@ def _context(model, prefix_len):
 
 def _check(model, tokens: Tensor, features: Sequence[Feature], prefix_len: int | None) -> None:
     width = transcoder_width(model.transcoders)
-    if prefix_len is not None and not (isinstance(prefix_len, int) and 1 <= prefix_len <= width):
-        raise CausalError(f"prefix length {prefix_len!r} is out of range; allowed: 1..{width}")
+    if prefix_len is not None:
+        check_prefix_len(prefix_len, width, error=CausalError)
     limit = width if prefix_len is None else prefix_len
     n_layers, n_pos = model.cfg.n_layers, tokens.shape[-1]
     if not features:
@@ -323,21 +338,6 @@ def prefix_causal_report(
             bar.update()
     bar.close()
     return rows
-
-
-__all__ = [
-    "CausalError",
-    "Feature",
-    "Fidelity",
-    "PatchResult",
-    "constrained_patch",
-    "feature_values",
-    "iterative_patch",
-    "mechanistic_fidelity",
-    "prefix_causal_report",
-    "tokenize",
-    "top_features",
-]
 
 
 def summarise_fidelity(

@@ -33,6 +33,7 @@ from .adapters.sparsify import (
 )
 from .core import MatryoshkaConfigError
 from .core.errors import UsageError
+from .hooks import capture_mlps
 from .offline import (
     AUSTEN_NOVELS,
     SMOLLM2,
@@ -77,38 +78,23 @@ def collect_mlp_activations(
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """MLP (input, output) rows of each layer on the first ``n_tokens`` kept tokens."""
     captured: dict[int, tuple[list, list]] = {layer: ([], []) for layer in layers}
-    keep_mask: Tensor | None = None
-
-    def make_hook(layer: int):
-        def hook(module, inputs, output):
-            x = inputs[0].flatten(0, 1)[keep_mask]
-            y = output.flatten(0, 1)[keep_mask]
-            captured[layer][0].append(x.float().cpu())
-            captured[layer][1].append(y.float().cpu())
-
-        return hook
-
-    handles = [
-        base_model.layers[layer].mlp.register_forward_hook(make_hook(layer))
-        for layer in layers
-    ]
     device = next(base_model.parameters()).device
     seen = 0
     n_batches = math.ceil(len(dataset) / batch_size)
-    try:
-        with tqdm(total=n_tokens, desc="Held-out activations", unit="tok") as pbar:
-            for start in range(0, n_batches * batch_size, batch_size):
-                ids = dataset[start : start + batch_size]["input_ids"].to(device)
-                keep_mask = torch.isin(ids, exclude.to(device), invert=True).flatten()
-                base_model(ids)
-                kept = int(keep_mask.sum())
-                pbar.update(min(kept, n_tokens - seen))
-                seen += kept
-                if seen >= n_tokens:
-                    break
-    finally:
-        for handle in handles:
-            handle.remove()
+    with capture_mlps(base_model, layers) as run, tqdm(
+        total=n_tokens, desc="Held-out activations", unit="tok"
+    ) as pbar:
+        for start in range(0, n_batches * batch_size, batch_size):
+            ids = dataset[start : start + batch_size]["input_ids"].to(device)
+            keep_mask = torch.isin(ids, exclude.to(device), invert=True).flatten()
+            for layer, acts in run(ids).items():
+                captured[layer][0].append(acts.input.flatten(0, 1)[keep_mask].float().cpu())
+                captured[layer][1].append(acts.output.flatten(0, 1)[keep_mask].float().cpu())
+            kept = int(keep_mask.sum())
+            pbar.update(min(kept, n_tokens - seen))
+            seen += kept
+            if seen >= n_tokens:
+                break
     return {
         layer: (torch.cat(xs)[:n_tokens], torch.cat(ys)[:n_tokens])
         for layer, (xs, ys) in captured.items()

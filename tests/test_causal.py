@@ -5,8 +5,8 @@ import torch
 
 from matryoshka_plugin.adapters.circuit_tracer import export_transcoder_set, load_local_replacement_model
 from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+from matryoshka_plugin.core.errors import CausalError
 from matryoshka_plugin.causal import (
-    CausalError,
     constrained_patch,
     feature_values,
     iterative_patch,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparsify import SparseCoder, SparseCoderConfig
 
-from matryoshka_plugin.adapters.clt import CLTConfig, MatryoshkaCLT, load_clt, save_clt
+from matryoshka_plugin.clt import CLTConfig, MatryoshkaCLT, load_clt, save_clt
 from matryoshka_plugin.adapters.sparsify import (
     MatryoshkaSparseCoder,
     MatryoshkaSparseCoderConfig,

@@ -20,24 +20,21 @@ from matryoshka_plugin.adapters.circuit_tracer.truncation import (
     load_transcoders_dir,
     set_prefix_len,
 )
-from matryoshka_plugin.adapters.clt import (
-    CLTConfig,
-    CLTError,
-    MatryoshkaCLT,
-    load_clt,
-    save_clt,
-    shared_nested_sizes,
-)
+from matryoshka_plugin.adapters.circuit_tracer.clt_export import export_clt, export_per_layer
 from matryoshka_plugin.adapters.installed_sparsify import detect_clt_training
+from matryoshka_plugin.cli.clt import main
 from matryoshka_plugin.clt import (
     ActivationCache,
+    CLTConfig,
     CLTTrainConfig,
+    MatryoshkaCLT,
     cache_activations,
-    export_clt,
-    export_per_layer,
-    main,
+    load_clt,
+    save_clt,
     train_clt,
 )
+from matryoshka_plugin.clt.model import shared_nested_sizes
+from matryoshka_plugin.core.errors import CLTError
 
 VOCAB = 96
 N_MODEL_LAYERS = 3
@@ -356,7 +353,7 @@ def test_clt_training_install_gets_one_clear_error(tmp_path):
     code = (
         "import matryoshka_plugin\n"
         "from matryoshka_plugin.core import MatryoshkaConfig\n"
-        "import matryoshka_plugin.adapters.clt\n"
+        "import matryoshka_plugin.clt\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True,

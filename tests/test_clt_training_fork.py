@@ -46,12 +46,12 @@ def test_adapter_refuses_pypi_sparsify():
 
     assert detect() is None
     with pytest.raises(RuntimeError, match="needs EleutherAI clt-training"):
-        import matryoshka_plugin.adapters.clt_training  # noqa: F401
+        import matryoshka_plugin.adapters.clt_training_fork  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def fork():
-    import matryoshka_plugin.adapters.clt_training as adapter
+    import matryoshka_plugin.adapters.clt_training_fork as adapter
 
     return adapter
 

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
+from matryoshka_plugin.cli.global_graph import main
 from matryoshka_plugin.global_graph import (
     build_global_graph,
     corpus_token_batches,
     find_transcoders,
     gather_statistics,
-    main,
 )
 
 try:
@@ -54,7 +54,7 @@ def test_cli_writes_edges_per_prefix_matching_a_dense_reference(setup, capsys):
     batches = corpus_token_batches(tok, corpus, 16, 8)
     n = meta["n_tokens"]
     dense = {0: [], 1: []}
-    from matryoshka_plugin.clt import mlp_modules
+    from matryoshka_plugin.hooks import mlp_modules
 
     mlps = mlp_modules(model)
     handles = [

@@ -8,15 +8,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matryoshka_plugin.adapters.clt import CLTConfig, MatryoshkaCLT, save_clt
-from matryoshka_plugin.core.global_graph import (
+from matryoshka_plugin.clt import CLTConfig, MatryoshkaCLT, save_clt
+from matryoshka_plugin.core.edge_scores import (
     CoactivationStats,
-    GlobalGraphError,
     clt_effective_decoders,
     dense_era_reference,
     pair_virtual_weights,
 )
-from matryoshka_plugin.global_graph import build_clt_global_graph, main
+from matryoshka_plugin.cli.global_graph import main
+from matryoshka_plugin.core.errors import GlobalGraphError
+from matryoshka_plugin.global_graph import build_clt_global_graph
 
 try:
     from .conftest import CORPUS, build_tokenizer, tiny_config
@@ -179,7 +180,7 @@ def _args(setup, checkpoint, out, *extra):
 
 def _dense_codes(llama, corpus, clt, n_tokens):
     """Dense CLT activations per layer of the first ``n_tokens`` statistics tokens (BOS dropped)."""
-    from matryoshka_plugin.clt import mlp_modules
+    from matryoshka_plugin.hooks import mlp_modules
     from matryoshka_plugin.global_graph import corpus_token_batches
     from matryoshka_plugin.offline import load_pretrained, load_tokenizer
 

@@ -5,14 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matryoshka_plugin.core.global_graph import (
+from matryoshka_plugin.core.edge_scores import (
     CoactivationStats,
-    GlobalGraphError,
     dense_era_reference,
     era_edges,
     topk_per_source,
     virtual_weight_topk,
 )
+from matryoshka_plugin.core.errors import GlobalGraphError
 
 
 def _sparse_codes(dense: torch.Tensor, k: int):

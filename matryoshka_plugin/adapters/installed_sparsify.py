@@ -3,14 +3,14 @@
 Both distributions are called ``eai-sparsify`` and import as ``sparsify``. The fork
 imports Triton at package import and needs CUDA, so it is located, never imported, and
 the plugin's PyPI adapters refuse it with one line before any ``import sparsify``;
-``adapters.clt_training`` is the adapter for the fork.
+``adapters.clt_training_fork`` is the adapter for the fork.
 """
 
 import importlib.metadata
 import importlib.util
 from pathlib import Path
-from ..core.errors import CLTTrainingInstalledError
 
+from ..core.errors import CLTTrainingInstalledError
 
 
 def detect_clt_training(package_dirs: list[str] | None = None) -> str | None:
@@ -42,6 +42,6 @@ def require_pypi_sparsify() -> None:
             f"the installed sparsify is EleutherAI clt-training (eai-sparsify {version}); "
             "matryoshka-plugin's sparsify and CLT adapters need PyPI eai-sparsify==1.3.3 "
             "(pip install eai-sparsify==1.3.3). To train Matryoshka CLTs with clt-training's "
-            "own CUDA/Triton trainer, use matryoshka_plugin.adapters.clt_training (CLT "
+            "own CUDA/Triton trainer, use matryoshka_plugin.adapters.clt_training_fork (CLT "
             "training path 2)"
         )

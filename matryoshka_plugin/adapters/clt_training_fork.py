@@ -2,7 +2,7 @@
 
 clt-training also installs as ``eai-sparsify`` and imports as ``sparsify``, but its
 cross-layer transcoders are built differently from the plugin's own CLT
-(``adapters.clt``): one ``SparseCoder`` per layer, a ``CrossLayerRunner`` that, at each
+(``matryoshka_plugin.clt``): one ``SparseCoder`` per layer, a ``CrossLayerRunner`` that, at each
 target layer, gathers the codes of every earlier source still in its window and returns
 that target's ``ForwardOutput``, and a ``Trainer`` whose forward hook back-propagates
 ``out.fvu`` target by target. The seam is therefore the runner's ``decode``:
@@ -57,13 +57,14 @@ from ..core import (
     nested_fvu,
 )
 from ..core.errors import CLTTrainingNotInstalledError
+from ..core.prefixes import level_weights, with_bias_level
 from .installed_sparsify import detect_clt_training
 
 if detect_clt_training() is None:
     raise CLTTrainingNotInstalledError(
-        "matryoshka_plugin.adapters.clt_training needs EleutherAI clt-training as the "
+        "matryoshka_plugin.adapters.clt_training_fork needs EleutherAI clt-training as the "
         "installed sparsify (pip install --no-deps <clt-training checkout>); "
-        "for PyPI eai-sparsify use matryoshka_plugin.adapters.sparsify / adapters.clt"
+        "for PyPI eai-sparsify use matryoshka_plugin.adapters.sparsify / matryoshka_plugin.clt"
     )
 
 import sparsify.trainer  # noqa: E402
@@ -150,8 +151,7 @@ class StepPrefixes:
         if width not in self.current:
             if width not in self.samplers:
                 self.samplers[width] = PrefixSampler(self.cfg, width, self.k)
-            sizes = self.samplers[width]()
-            self.current[width] = [0, *sizes] if self.cfg.bias_level else sizes
+            self.current[width] = with_bias_level(self.samplers[width](), self.cfg.bias_level)
         return self.current[width]
 
     def state_dict(self) -> dict:
@@ -265,11 +265,7 @@ class MatryoshkaCLTRunner(CrossLayerRunner):
             decoder_index, acts, indices = 0, out.latent_acts, out.latent_indices
 
         sizes = self.prefixes.sizes(coder.num_latents)
-        weights = (
-            cfg.normalised_level_weights(len(sizes))
-            if cfg.level_weights and len(cfg.level_weights) == len(sizes)
-            else [1 / len(sizes)] * len(sizes)
-        )
+        weights = level_weights(cfg, len(sizes))
         # The same autocast the fork's MidDecoder.__call__ computes its FVU under.
         with torch.autocast(
             "cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported()

@@ -1,4 +1,4 @@
-"""Matryoshka cross-layer transcoders (CLTs) built from sparsify's pieces.
+"""The plugin's own Matryoshka cross-layer transcoder (CLT), built from sparsify's pieces.
 
 - ``CLTConfig``: width, TopK ``k``, AuxK, plus every Matryoshka option.
 - ``MatryoshkaCLT``: an encoder per source layer (sparsify's ``fused_encoder``, or the
@@ -7,7 +7,7 @@
   from one sparse decode per source layer (see ``core.cross_layer``).
 - ``save_clt`` / ``load_clt``: a directory with ``config.json`` and ``clt.safetensors``.
 - Refuses EleutherAI clt-training (training path 2) with one line when it is the
-  installed ``sparsify`` (``installed_sparsify``).
+  installed ``sparsify`` (``adapters.installed_sparsify``).
 
 Layer slots ``0..L-1`` are positions in ``layers`` (the model's layer numbers).
 """
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .installed_sparsify import require_pypi_sparsify
+from ..adapters.installed_sparsify import require_pypi_sparsify
 from ..core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
@@ -38,19 +38,19 @@ from ..core.cross_layer import (
     target_level_decodes,
     target_variance,
 )
+from ..core.errors import CLTError
+from ..core.prefixes import level_weights, with_bias_level
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "clt.safetensors"
 FORMAT = "matryoshka-clt/1"
 
-
-
+# Before any ``import sparsify``: clt-training's package import fails on Triton.
 require_pypi_sparsify()
 
 from sparsify.fused_encoder import EncoderOutput, fused_encoder  # noqa: E402
 
 from ..atomic import atomic_dir  # noqa: E402
-from ..core.errors import CLTError
 
 
 @dataclass
@@ -194,8 +194,9 @@ class MatryoshkaCLT(nn.Module):
 
     def step_sizes(self) -> list[int]:
         """This step's prefix lengths (sampled or fixed), with the bias level first if enabled."""
-        sizes = self.sampler() if self.cfg.matryoshka else [self.num_latents]
-        return [0, *sizes] if self.cfg.bias_level and self.cfg.matryoshka else sizes
+        if not self.cfg.matryoshka:
+            return [self.num_latents]
+        return with_bias_level(self.sampler(), self.cfg.bias_level)
 
     # -- encoder ---------------------------------------------------------------
     def encode_layer(self, x: Tensor, s: int) -> EncoderOutput:
@@ -293,11 +294,7 @@ class MatryoshkaCLT(nn.Module):
         codes = self.encode(x)
         recons = self.level_recons(codes, sizes)
         total_variance = target_variance(y)
-        weights = (
-            self.cfg.normalised_level_weights(len(sizes))
-            if self.cfg.level_weights and len(self.cfg.level_weights) == len(sizes)
-            else [1 / len(sizes)] * len(sizes)
-        )
+        weights = level_weights(self.cfg, len(sizes))
         loss, level_fvu = cross_layer_nested_fvu(recons, y, weights, total_variance)
         recon = recons[:, -1]
         auxk = self._auxk_loss(codes, y - recon.detach(), total_variance, dead_mask)
@@ -318,7 +315,13 @@ class MatryoshkaCLT(nn.Module):
         total_variance: Tensor,
         dead_mask: Tensor | None,
     ) -> Tensor:
-        """sparsify's AuxK per source: its top dead latents predict the residual of its targets."""
+        """sparsify's AuxK per source: its top dead latents predict the residual of its targets.
+
+        The plugin's only AuxK: sparsify computes its own inline in
+        ``SparseCoder.forward`` (no function to call), and the plugin's sparsify coder
+        runs that forward. A CLT source decodes into several targets, so this is the
+        same formula with the source's targets' residuals, each over its own variance.
+        """
         auxk = residual.new_zeros(())
         if dead_mask is None:
             return auxk

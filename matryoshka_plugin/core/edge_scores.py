@@ -1,4 +1,4 @@
-"""Global (input-independent) feature graphs: virtual weights, ERA and TWERA.
+"""Edge scores of global (input-independent) feature graphs: virtual weights, ERA, TWERA.
 
 A feature ``i`` of a transcoder at layer ``l`` writes ``a_i * W_dec[i]`` into the residual
 stream; a feature ``j`` of a later layer ``l' > l`` reads the stream through
@@ -40,8 +40,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from .errors import GlobalGraphError
 
+from .errors import GlobalGraphError
+from .prefixes import check_prefix_len
 
 
 class Edges(NamedTuple):
@@ -53,12 +54,6 @@ class Edges(NamedTuple):
     era: Tensor
     twera: Tensor
     coactive_count: Tensor
-
-
-def check_prefix(prefix_len: int, width: int, what: str = "prefix length") -> int:
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not 1 <= prefix_len <= width:
-        raise GlobalGraphError(f"{what} {prefix_len!r} is out of range; allowed: 1..{width}")
-    return prefix_len
 
 
 def pair_virtual_weights(
@@ -104,7 +99,11 @@ def virtual_weight_topk(
     No corpus needed; memory is ``chunk x P`` at a time (never ``P x P``), compute is
     ``P^2 d``. Returns ``(source, target, weight)``.
     """
-    p_src = decoder.shape[0] if prefix_len is None else check_prefix(prefix_len, decoder.shape[0])
+    p_src = (
+        decoder.shape[0]
+        if prefix_len is None
+        else check_prefix_len(prefix_len, decoder.shape[0], error=GlobalGraphError)
+    )
     p_tgt = encoder.shape[0] if prefix_len is None else min(prefix_len, encoder.shape[0])
     kk = min(k, p_tgt)
     srcs, tgts, ws = [], [], []
@@ -303,7 +302,7 @@ def era_edges(
     width = min(stats.widths[source_layer], stats.widths[target_layer])
     ps = stats.pairs(source_layer, target_layer)
     if prefix_len is not None:
-        check_prefix(prefix_len, width)
+        check_prefix_len(prefix_len, width, error=GlobalGraphError)
         inside = (ps.source < prefix_len) & (ps.target < prefix_len)
         ps = PairStats(*(getattr(ps, f)[inside] for f in ("source", "target", "count", "sum_source", "sum_product")))
     vw = pair_virtual_weights(decoder, encoder, ps.source.to(decoder.device), ps.target.to(decoder.device))
@@ -332,9 +331,7 @@ def dense_era_reference(
 __all__ = [
     "CoactivationStats",
     "Edges",
-    "GlobalGraphError",
     "PairStats",
-    "check_prefix",
     "clt_effective_decoders",
     "dense_era_reference",
     "era_edges",
