@@ -8,7 +8,7 @@ CSV edge lists with a PNG plot.
 
 - ``coders``: the dictionaries, a sparsify transcoder run (``find_transcoders``) or a CLT
   directory (``find_clt``), each source layer with a transcoder's ``encode``.
-- ``corpus``: the token rows of a corpus and the one statistics pass
+- ``statistics``: the token rows of a corpus and the one statistics pass
   (``gather_statistics``).
 - ``edges``: the edges per prefix (``build_global_graph``, ``build_clt_global_graph``,
   with the pre-MLP norm gain folded into the target encoder) and the files
@@ -22,7 +22,7 @@ write before the target layer's MLP. The console script is ``cli.global_graph``.
 """
 
 from .coders import CLTSourceEncoder, clt_checkpoint_dir, find_clt, find_transcoders
-from .corpus import corpus_token_batches, gather_statistics
+from .statistics import corpus_token_batches, gather_statistics
 from .edges import (
     EDGE_FIELDS,
     RANK_BY,

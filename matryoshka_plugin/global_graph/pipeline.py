@@ -10,7 +10,7 @@ from ..core.errors import GlobalGraphError
 from ..core.prefixes import check_prefix_len
 from ..hooks import parse_layers
 from .coders import clt_checkpoint_dir, find_clt, find_transcoders
-from .corpus import corpus_token_batches, gather_statistics
+from .statistics import corpus_token_batches, gather_statistics
 from .edges import build_clt_global_graph, build_global_graph, mlp_norm_gains, write_global_graphs
 
 
