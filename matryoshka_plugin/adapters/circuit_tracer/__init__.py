@@ -1,10 +1,20 @@
 """circuit-tracer (0.5.0) adapter: export sparsify transcoders, load them with sparsify's
 exact TopK activation, and build attribution graphs truncated to Matryoshka prefixes.
 
-Submodules: ``export`` (checkpoint -> circuit-tracer directory, shared helpers),
-``activations`` (TopK-after-ReLU module, JumpReLU calibration), ``truncation``
-(prefix truncation, fixed CLT subclass, loader, ``attribute``), ``local_model``
-(offline HF/GGUF Llama models), ``cli`` (console scripts).
+What lives where:
+
+- ``export``: the transcoder directory format (``config.yaml``, model kinds,
+  ``matryoshka.json``) and the sparsify run -> circuit-tracer directory export;
+- ``activations``: ``TopKReLU`` (sparsify's activation) and JumpReLU calibration;
+- ``loading``: local directories (TopK kind included) and hub names -> transcoders;
+- ``prefix_transcoders``: truncating loaded transcoders to a prefix
+  (``prefix_truncation``), and ``PrefixCrossLayerTranscoder`` with its two fixes;
+- ``attribution``: ``attribute`` and ``attribute_prefixes`` (one graph per prefix);
+- ``graph_files``: the ``.pt`` graphs, scores and viewer graph files a run writes;
+- ``local_model``: offline HF / GGUF Llama models as a ``ReplacementModel``.
+
+The console scripts (``matryoshka-export``, ``circuit-tracer-matryoshka``) live in
+``matryoshka_plugin.cli``.
 """
 
 from importlib import import_module
@@ -15,12 +25,12 @@ _PUBLIC = {
     "export_transcoder_set": "export",
     "TopKReLU": "activations",
     "calibrate_jumprelu_thresholds": "activations",
-    "attribute": "truncation",
-    "attribute_prefixes": "truncation",
-    "prefix_truncation": "truncation",
-    "set_prefix_len": "truncation",
-    "load_transcoders_dir": "truncation",
-    "PrefixCrossLayerTranscoder": "truncation",
+    "load_transcoders_dir": "loading",
+    "PrefixCrossLayerTranscoder": "prefix_transcoders",
+    "prefix_truncation": "prefix_transcoders",
+    "set_prefix_len": "prefix_transcoders",
+    "attribute": "attribution",
+    "attribute_prefixes": "attribution",
     "load_local_replacement_model": "local_model",
 }
 __all__ = sorted(_PUBLIC)

@@ -8,8 +8,11 @@ orientation (``encoder.weight [M, d_in]``, ``W_dec [M, d_in]``) and a transcoder
 ``x`` without subtracting ``b_dec``, as circuit-tracer's ``encode`` does, so the tensors
 are copied unchanged and the round trip is exact.
 
-The small helpers at the top (hook-name mapping, ``config.yaml`` writing, nested-size
-recording, atomic directory writing) are shared with the cross-layer transcoder export.
+The small helpers at the top (hook-name mapping, model kinds, ``config.yaml`` writing,
+nested-size recording and reading) describe the directory format: the cross-layer
+transcoder export writes it too, and ``loading`` reads it. Only
+``export_transcoder_set`` needs the sparsify adapter, so it imports it itself: reading
+an exported directory must work whichever ``sparsify`` is installed.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ...atomic import atomic_dir
-from ..sparsify import CheckpointError, load_coder
-from ...core.errors import ExportError
+from ...core.errors import ExportError, UsageError
 
 NESTED_SIZES_FILE = "matryoshka.json"
 CONFIG_FILE = "config.yaml"
@@ -37,7 +39,6 @@ CONFIG_FILE = "config.yaml"
 TOPK_KIND_PREFIX = "matryoshka_topk_"
 BASE_MODEL_KINDS = ("transcoder_set", "cross_layer_transcoder")
 ACTIVATIONS = ("topk", "jumprelu")
-
 
 
 # -- hook names -------------------------------------------------------------------
@@ -150,9 +151,6 @@ def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
 
 
-# -- atomic directory writing ---------------------------------------------------------
-
-
 # -- finding and converting sparsify coders ----------------------------------------------
 
 
@@ -212,6 +210,29 @@ def batch_topk_threshold(coder) -> float | None:
     return float(coder.batch_topk_threshold.clamp_min(0))
 
 
+def read_calibration(path: str | Path) -> dict[int, Tensor]:
+    """``{layer: MLP inputs [n, d_model]}`` from a safetensors file for JumpReLU calibration.
+
+    Keys are layer numbers or MLP hookpoint names (``layers.3.mlp``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise UsageError(f"calibration file {path} not found")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"calibration file {path} is not a readable safetensors file ({e})") from None
+    by_layer = {}
+    for key, value in tensors.items():
+        layer = int(key) if key.isdigit() else hookpoint_layer(key)
+        if value.ndim != 2:
+            raise UsageError(f"calibration tensor {key!r} has shape {tuple(value.shape)}; expected [n, d_model]")
+        by_layer[layer] = value
+    return by_layer
+
+
 def export_transcoder_set(
     checkpoint_dir: Path | str,
     out_dir: Path | str,
@@ -228,6 +249,7 @@ def export_transcoder_set(
     (``{layer: MLP inputs [n, d_model]}``) that stock circuit-tracer loads. BatchTopK
     coders are thresholded at inference, so both choices export their exact threshold.
     """
+    from ..sparsify import load_coder
     from .activations import calibrate_jumprelu_thresholds
 
     if activation not in ACTIVATIONS:
@@ -288,8 +310,7 @@ def export_transcoder_set(
 
 __all__ = [
     "ACTIVATIONS",
-    "CheckpointError",
-    "ExportError",
+    "CONFIG_FILE",
     "NESTED_SIZES_FILE",
     "base_model_kind",
     "coder_nested_sizes",
@@ -298,6 +319,7 @@ __all__ = [
     "find_coder_dirs",
     "hookpoint_layer",
     "model_kind_for",
+    "read_calibration",
     "read_nested_sizes",
     "tl_mlp_hooks",
     "write_config_yaml",
