@@ -26,12 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
-from .adapters.circuit_tracer.export import (
-    ExportError,
-    hookpoint_layer,
-    write_config_yaml,
-    write_nested_sizes,
-)
+from .adapters.circuit_tracer.transcoder_dir import hookpoint_layer, write_config_yaml, write_nested_sizes
+from .core.errors import ExportError
 from .adapters.clt import (
     CLTConfig,
     CLTError,
@@ -558,7 +554,7 @@ def export_clt(
     - BatchTopK CLTs are thresholded at inference: written as JumpReLU with their exact
       per-layer threshold, ``model_kind: cross_layer_transcoder`` either way.
     """
-    from .adapters.circuit_tracer.export import ACTIVATIONS
+    from .adapters.circuit_tracer.transcoder_dir import ACTIVATIONS
 
     if not isinstance(clt, MatryoshkaCLT):
         clt = load_clt(clt)

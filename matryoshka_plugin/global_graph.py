@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters.circuit_tracer.export import ExportError, hookpoint_layer
+from .adapters.circuit_tracer.transcoder_dir import hookpoint_layer
+from .core.errors import ExportError
 from .atomic import atomic_dir
 from .adapters.sparsify import CheckpointError, load_coder
 from .core.global_graph import (

@@ -18,15 +18,11 @@ from safetensors.torch import save_file
 from matryoshka_plugin import load_coder
 from matryoshka_plugin.adapters.circuit_tracer.activations import TopKReLU
 from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute, attribute_prefixes
-from matryoshka_plugin.adapters.circuit_tracer.export import (
-    export_transcoder_set,
-    find_coder_dirs,
-    hookpoint_layer,
-    read_nested_sizes,
-)
-from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
 from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
 from matryoshka_plugin.adapters.circuit_tracer.prefix_transcoders import PrefixCrossLayerTranscoder, prefix_truncation
+from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set, find_coder_dirs
+from matryoshka_plugin.adapters.circuit_tracer.transcoder_dir import hookpoint_layer, read_nested_sizes
 from matryoshka_plugin.core.errors import ExportError
 
 from tiny import (

@@ -1,6 +1,6 @@
 """``matryoshka-export``: a sparsify transcoder run -> a circuit-tracer transcoder directory.
 
-The work is ``adapters.circuit_tracer.export.export_transcoder_set``.
+The work is ``adapters.circuit_tracer.sparsify_export.export_transcoder_set``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ PROG = "matryoshka-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..adapters.circuit_tracer.export import ACTIVATIONS
+    from ..adapters.circuit_tracer.transcoder_dir import ACTIVATIONS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> None:
-    from ..adapters.circuit_tracer.export import export_transcoder_set, read_calibration
+    from ..adapters.circuit_tracer.sparsify_export import export_transcoder_set, read_calibration
 
     out = export_transcoder_set(
         args.checkpoint_dir,

@@ -3,8 +3,10 @@ exact TopK activation, and build attribution graphs truncated to Matryoshka pref
 
 What lives where:
 
-- ``export``: the transcoder directory format (``config.yaml``, model kinds,
-  ``matryoshka.json``) and the sparsify run -> circuit-tracer directory export;
+- ``transcoder_dir``: the transcoder directory format (``config.yaml``, model kinds,
+  ``matryoshka.json``, MLP hook names);
+- ``sparsify_export``: a sparsify transcoder run -> a circuit-tracer transcoder set
+  (``clt_export``: the same for the plugin's cross-layer transcoders);
 - ``activations``: ``TopKReLU`` (sparsify's activation) and JumpReLU calibration;
 - ``loading``: local directories (TopK kind included) and hub names -> transcoders;
 - ``prefix_transcoders``: truncating loaded transcoders to a prefix
@@ -19,10 +21,10 @@ The console scripts (``matryoshka-export``, ``circuit-tracer-matryoshka``) live 
 
 from importlib import import_module
 
-# Lazy, so that importing ``export`` (used by the CLT export) does not import
+# Lazy, so that importing ``transcoder_dir`` (used by the CLT export) does not import
 # circuit-tracer and TransformerLens.
 _PUBLIC = {
-    "export_transcoder_set": "export",
+    "export_transcoder_set": "sparsify_export",
     "TopKReLU": "activations",
     "calibrate_jumprelu_thresholds": "activations",
     "load_transcoders_dir": "loading",

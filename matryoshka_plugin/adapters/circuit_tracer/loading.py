@@ -1,6 +1,6 @@
 """Loading transcoders for circuit-tracer: local exported directories and hub names.
 
-A local directory (``config.yaml`` + safetensors, see ``export``) is checked file by file
+A local directory (``config.yaml`` + safetensors, see ``transcoder_dir``) is checked file by file
 so that a missing or corrupt file is a one-line ``CheckpointError``, then loaded with
 circuit-tracer's own ``load_transcoder_set`` / ``load_clt``; the plugin's TopK kind gets
 its ``TopKReLU``. Anything else is a hub name for circuit-tracer's
@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ...core.errors import CheckpointError, ExportError, UsageError
 from .activations import TopKReLU
-from .export import CONFIG_FILE, base_model_kind, read_nested_sizes
+from .transcoder_dir import CONFIG_FILE, base_model_kind, read_nested_sizes
 from .prefix_transcoders import Transcoders, as_prefix_clt
 
 
@@ -64,24 +64,22 @@ def load_transcoders_dir(
         in_hook, out_hook = config["feature_input_hook"], config["feature_output_hook"]
     except (yaml.YAMLError, KeyError, TypeError, ExportError) as e:
         raise CheckpointError(f"{cfg_path} is not a usable circuit-tracer config ({e})") from None
-    scan = config.get("scan") or str(root)
-    device = torch.device(device) if device is not None else None
+    common = dict(
+        scan=config.get("scan") or str(root),
+        feature_input_hook=in_hook,
+        feature_output_hook=out_hook,
+        device=torch.device(device) if device is not None else None,
+        dtype=dtype,
+        lazy_encoder=lazy_encoder,
+        lazy_decoder=lazy_decoder,
+    )
     if kind == "transcoder_set":
         files = {int(p.stem.split("_")[1]): p for p in root.glob("layer_*.safetensors")}
         if not files or sorted(files) != list(range(len(files))):
             raise CheckpointError(f"{root} must hold layer_0.safetensors .. layer_N.safetensors; found {sorted(files)}")
         for p in files.values():
             _check_safetensors(p, ["W_enc", "W_dec", "b_enc", "b_dec"])
-        transcoders: Transcoders = load_transcoder_set(
-            {i: str(p) for i, p in files.items()},
-            scan=scan,
-            feature_input_hook=in_hook,
-            feature_output_hook=out_hook,
-            device=device,
-            dtype=dtype,
-            lazy_encoder=lazy_encoder,
-            lazy_decoder=lazy_decoder,
-        )
+        transcoders: Transcoders = load_transcoder_set({i: str(p) for i, p in files.items()}, **common)
         widths = {t.d_transcoder for t in transcoders}
     else:
         n = len(list(root.glob("W_enc_*.safetensors")))
@@ -90,18 +88,7 @@ def load_transcoders_dir(
         for i in range(n):
             _check_safetensors(root / f"W_enc_{i}.safetensors", [f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"])
             _check_safetensors(root / f"W_dec_{i}.safetensors", [f"W_dec_{i}"])
-        transcoders = as_prefix_clt(
-            load_clt(
-                str(root),
-                feature_input_hook=in_hook,
-                feature_output_hook=out_hook,
-                scan=scan,
-                device=device,
-                dtype=dtype,
-                lazy_decoder=lazy_decoder,
-                lazy_encoder=lazy_encoder,
-            )
-        )
+        transcoders = as_prefix_clt(load_clt(str(root), **common))
         widths = {transcoders.d_transcoder}
     if topk:
         k = config.get("topk_k")
