@@ -84,7 +84,7 @@ def write_transcoder_files(out: Path) -> dict[str, Path]:
 
 def load(side: str, kind: str, path: Path):
     if side == "plugin":
-        from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+        from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
 
         transcoders, _ = load_transcoders_dir(path, device="cpu", dtype=torch.float32, lazy_decoder=False)
         return transcoders
@@ -105,7 +105,7 @@ def load(side: str, kind: str, path: Path):
 
 def attribute_fn(side: str):
     if side == "plugin":
-        from matryoshka_plugin.adapters.circuit_tracer.truncation import attribute
+        from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute
     else:
         from circuit_tracer import attribute
     return attribute

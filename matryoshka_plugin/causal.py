@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .adapters.circuit_tracer.truncation import prefix_truncation, transcoder_width
+from .adapters.circuit_tracer.prefix_transcoders import prefix_truncation, transcoder_width
 from .core.errors import CausalError
 from .core.prefixes import check_prefix_len
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from matryoshka_plugin.adapters.circuit_tracer import export_transcoder_set, load_local_replacement_model
-from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
 from matryoshka_plugin.core.errors import CausalError
 from matryoshka_plugin.causal import (
     constrained_patch,
@@ -16,10 +16,7 @@ from matryoshka_plugin.causal import (
     top_features,
 )
 
-try:
-    from .test_circuit_tracer_fixtures import N_LAYERS, NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
-except ImportError:
-    from test_circuit_tracer_fixtures import N_LAYERS, NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
+from tiny import N_LAYERS, NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -17,32 +17,19 @@ from safetensors.torch import save_file
 
 from matryoshka_plugin import load_coder
 from matryoshka_plugin.adapters.circuit_tracer.activations import TopKReLU
-from matryoshka_plugin.adapters.circuit_tracer.export import (
-    ExportError,
-    export_transcoder_set,
-    find_coder_dirs,
-    hookpoint_layer,
-    read_nested_sizes,
-)
+from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute, attribute_prefixes
+from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
 from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
-from matryoshka_plugin.adapters.circuit_tracer.truncation import (
-    PrefixCrossLayerTranscoder,
-    attribute,
-    attribute_prefixes,
-    load_transcoders_dir,
-    prefix_truncation,
-)
+from matryoshka_plugin.adapters.circuit_tracer.prefix_transcoders import PrefixCrossLayerTranscoder, prefix_truncation
+from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set, find_coder_dirs
+from matryoshka_plugin.adapters.circuit_tracer.transcoder_dir import read_nested_sizes
+from matryoshka_plugin.hooks import hookpoint_layer
+from matryoshka_plugin.core.errors import ExportError
 
-try:
-    from .test_circuit_tracer_fixtures import (
-        D_MODEL, K, N_LAYERS, NESTED, PROMPT, WIDTH,
-        build_sparsify_run, build_tiny_clt, build_tiny_llama, check_edges_by_intervention, mlp_io,
-    )
-except ImportError:
-    from test_circuit_tracer_fixtures import (
-        D_MODEL, K, N_LAYERS, NESTED, PROMPT, WIDTH,
-        build_sparsify_run, build_tiny_clt, build_tiny_llama, check_edges_by_intervention, mlp_io,
-    )
+from tiny import (
+    D_MODEL, K, N_LAYERS, NESTED, PROMPT, WIDTH,
+    build_sparsify_run, build_tiny_clt, build_tiny_llama, check_edges_by_intervention, mlp_io,
+)
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -321,7 +308,7 @@ def test_clt_upstream_small_prefix_bugs_are_fixed():
 def test_loader_reports_missing_and_corrupt_files(export_dir, tmp_path):
     import shutil
 
-    from matryoshka_plugin.adapters.sparsify import CheckpointError
+    from matryoshka_plugin.core.errors import CheckpointError
 
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)

@@ -11,12 +11,10 @@ import urllib.request
 import pytest
 from circuit_tracer.graph import Graph
 
-from matryoshka_plugin.adapters.circuit_tracer.cli import export_main, main
+from matryoshka_plugin.cli.circuit_tracer import main
+from matryoshka_plugin.cli.export import main as export_main
 
-try:
-    from .test_circuit_tracer_fixtures import NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
-except ImportError:
-    from test_circuit_tracer_fixtures import NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
+from tiny import NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ import torch
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt as ct_load_clt
 from safetensors.torch import load_file, save_file
 
-from matryoshka_plugin.adapters.circuit_tracer.export import ExportError
-from matryoshka_plugin.adapters.circuit_tracer.truncation import (
-    load_transcoders_dir,
-    set_prefix_len,
-)
+from matryoshka_plugin.core.errors import ExportError
+from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+from matryoshka_plugin.adapters.circuit_tracer.prefix_transcoders import set_prefix_len
 from matryoshka_plugin.adapters.circuit_tracer.clt_export import export_clt, export_per_layer
 from matryoshka_plugin.adapters.installed_sparsify import detect_clt_training
 from matryoshka_plugin.cli.clt import main
@@ -36,31 +34,24 @@ from matryoshka_plugin.clt import (
 from matryoshka_plugin.clt.model import shared_nested_sizes
 from matryoshka_plugin.core.errors import CLTError
 
+from tiny import random_model, save_model, tiny_config, word_tokenizer
+
 VOCAB = 96
 N_MODEL_LAYERS = 3
 D = 32
 
 
 def _tiny_llama(path: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=N_MODEL_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    cfg = tiny_config(
+        "llama", VOCAB, d_model=D, n_layers=N_MODEL_LAYERS, n_heads=4, n_kv_heads=2,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    tokenizer = word_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", *(f"w{i}" for i in range(4, VOCAB))],
+        bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
     )
-    fast.save_pretrained(path)
+    model = random_model(cfg)
+    save_model(path, model, tokenizer)
     return model
 
 
@@ -246,7 +237,7 @@ def test_end_to_end_cache_train_export_graph(trained, tmp_path):
     assert main(["export", str(root / "run" / "clt"), str(out)]) == 0
     graph = tmp_path / "graph.pt"
     cmd = [
-        sys.executable, "-m", "matryoshka_plugin.adapters.circuit_tracer.cli", "attribute",
+        sys.executable, "-m", "matryoshka_plugin.cli.circuit_tracer", "attribute",
         "--prompt", "w5 w6 w7 w8", "--transcoder_set", str(out), "--model", str(root / "model"),
         "--graph_output_path", str(graph), "--prefix-len", "4", "32", "--max_n_logits", "3",
         "--batch_size", "16", "--dtype", "float32",

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from sparsify import SparseCoder
 
-from conftest import build_tokenizer
+from tiny import build_tokenizer, random_model, save_model, tiny_config
 
 from matryoshka_plugin import demo, load_coder
 from matryoshka_plugin.offline import austen_dataset, austen_texts
@@ -24,26 +24,14 @@ WIDTH = 64
 
 def build_tiny_llama(path):
     """A 3-layer random Llama and a byte-level BPE tokenizer, saved as a HF folder."""
-    from transformers import LlamaConfig, LlamaModel
-
     tokenizer = build_tokenizer(
         austen_texts()["persuasion"][:50_000], 400, bos="<s>", eos="</s>", pad=None
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    config = tiny_config(
+        "llama", tokenizer.vocab_size, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model(path, random_model(config, lm_head=False), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from matryoshka_plugin import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
 from matryoshka_plugin.core import truncate_dense
@@ -30,6 +29,8 @@ from matryoshka_plugin.evaluation import (
 )
 from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.toy import dense_codes
+
+from tiny import random_model, tiny_config
 
 coder_shapes = st.tuples(
     st.integers(4, 12),  # d_in
@@ -240,16 +241,11 @@ def test_bad_prefix_length_is_rejected(bad):
 
 # -- the coder spliced into a language model ---------------------------------------
 def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(cfg).eval()
+    return random_model(tiny_config("gpt2", 64, max_positions=32))
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).eval()
+    return random_model(tiny_config("llama", 64, max_positions=32))
 
 
 def token_batches(n=2):

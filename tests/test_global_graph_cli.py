@@ -15,10 +15,7 @@ from matryoshka_plugin.global_graph import (
     gather_statistics,
 )
 
-try:
-    from .test_circuit_tracer_fixtures import NESTED, WIDTH, WORDS, build_sparsify_run, build_tiny_llama
-except ImportError:
-    from test_circuit_tracer_fixtures import NESTED, WIDTH, WORDS, build_sparsify_run, build_tiny_llama
+from tiny import NESTED, WIDTH, WORDS, build_sparsify_run, build_tiny_llama
 
 
 @pytest.fixture(scope="module")

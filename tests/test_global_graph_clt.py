@@ -19,10 +19,7 @@ from matryoshka_plugin.cli.global_graph import main
 from matryoshka_plugin.core.errors import GlobalGraphError
 from matryoshka_plugin.global_graph import build_clt_global_graph
 
-try:
-    from .conftest import CORPUS, build_tokenizer, tiny_config
-except ImportError:
-    from conftest import CORPUS, build_tokenizer, tiny_config
+from tiny import CORPUS, build_tokenizer, tiny_config
 
 N_MODEL_LAYERS = 3
 D = 16

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import build_tokenizer
+from tiny import build_tokenizer
 
 from matryoshka_plugin import offline
 from matryoshka_plugin.offline import (

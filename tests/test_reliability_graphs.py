@@ -5,12 +5,10 @@ from pathlib import Path
 
 import torch
 
-from matryoshka_plugin.adapters.circuit_tracer.cli import export_main, main
+from matryoshka_plugin.cli.circuit_tracer import main
+from matryoshka_plugin.cli.export import main as export_main
 
-try:
-    from .test_circuit_tracer_fixtures import NESTED, PROMPT, build_sparsify_run, build_tiny_llama
-except ImportError:
-    from test_circuit_tracer_fixtures import NESTED, PROMPT, build_sparsify_run, build_tiny_llama
+from tiny import NESTED, PROMPT, build_sparsify_run, build_tiny_llama
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from matryoshka_plugin.adapters.circuit_tracer import cli as ct_cli
+from matryoshka_plugin.cli import circuit_tracer as ct_cli
+from matryoshka_plugin.cli import export as export_cli
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify_cli import (
     UsageError,
@@ -38,7 +39,7 @@ from matryoshka_plugin.evaluation import main as eval_main
 
 MAINS = {
     "sparsify-matryoshka": sparsify_main,
-    "matryoshka-export": ct_cli.export_main,
+    "matryoshka-export": export_cli.main,
     "circuit-tracer-matryoshka": ct_cli.main,
     "matryoshka-eval": eval_main,
     "matryoshka-clt": clt_main,

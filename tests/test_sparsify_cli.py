@@ -117,7 +117,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_checkpoint(
 def test_save_to_disk_dataset_without_the_text_column(tmp_path, tiny_llama_dir, capsys):
     from datasets import Dataset
 
-    from conftest import CORPUS
+    from tiny import CORPUS
 
     Dataset.from_dict({"text": [CORPUS] * 3}).save_to_disk(str(tmp_path / "ds"))
     argv = [str(tiny_llama_dir), str(tmp_path / "ds"), *FAST, "--save_dir", str(tmp_path / "ck")]

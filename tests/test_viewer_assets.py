@@ -88,7 +88,7 @@ def test_missing_graph_dir_is_an_error(tmp_path):
 
 def test_cli_start_server_uses_the_viewer(served, tmp_path, monkeypatch, capsys):
     import matryoshka_plugin.viewer.server as server_mod
-    from matryoshka_plugin.adapters.circuit_tracer.cli import main
+    from matryoshka_plugin.cli.circuit_tracer import main
 
     _, meta = served
     front = tmp_path / "front"

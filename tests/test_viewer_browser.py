@@ -20,10 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-try:
-    from .test_circuit_tracer_fixtures import PROMPT, WORDS, build_sparsify_run, build_tiny_llama
-except ImportError:
-    from test_circuit_tracer_fixtures import PROMPT, WORDS, build_sparsify_run, build_tiny_llama
+from tiny import PROMPT, WORDS, build_sparsify_run, build_tiny_llama
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -37,7 +34,8 @@ FEATURE = "cross layer transcoder"
 
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
-    from matryoshka_plugin.adapters.circuit_tracer.cli import export_main, main
+    from matryoshka_plugin.cli.circuit_tracer import main
+    from matryoshka_plugin.cli.export import main as export_main
     from matryoshka_plugin.viewer.__main__ import main as viewer_main
 
     root = tmp_path_factory.mktemp("viewer")

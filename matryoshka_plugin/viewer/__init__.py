@@ -1,6 +1,11 @@
 """Multi-level graph viewer: circuit-tracer's viewer served offline with a prefix-length
 selector, coarse-to-fine decomposition panel and feature pages with corpus examples.
 
+What lives where: ``decomposition`` (which latents refine which, plain torch),
+``data`` (feature pages and decompositions written next to a graph directory),
+``assets`` (the frontend and its vendored JavaScript libraries), ``server`` (serving a
+graph directory), ``__main__`` (``python -m matryoshka_plugin.viewer``).
+
 Heavy imports are lazy so that ``decomposition`` stays importable with torch alone.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 PROG = "python -m matryoshka_plugin.viewer"
 
 
-def _texts(corpus: str, n_chars: int | None = None) -> list[str]:
+def _texts(corpus: str) -> list[str]:
     if corpus == "austen":
         from ..offline import austen_texts
 
@@ -29,20 +29,14 @@ def _texts(corpus: str, n_chars: int | None = None) -> list[str]:
 
 def load_model(transcoder_set: str, model: str | None):
     """The ReplacementModel for ``build``: local dirs, GGUF or the offline SmolLM2 name."""
-    import torch
+    from ..adapters.circuit_tracer.loading import load_transcoders
+    from ..adapters.circuit_tracer.local_model import load_replacement_model
 
-    from ..adapters.circuit_tracer.cli import _load_transcoders
-    from ..adapters.circuit_tracer.local_model import is_local_model, load_local_replacement_model
-
-    transcoders, config = _load_transcoders(transcoder_set, torch.float32, False, False)
+    transcoders, config = load_transcoders(transcoder_set, lazy_encoder=False, lazy_decoder=False)
     spec = model or config.get("model_name")
     if not spec:
         raise ValueError("--model is needed: the transcoder set names no model")
-    if is_local_model(spec):
-        return load_local_replacement_model(spec, transcoders)
-    from circuit_tracer import ReplacementModel
-
-    return ReplacementModel.from_pretrained_and_transcoders(spec, transcoders)
+    return load_replacement_model(spec, transcoders)
 
 
 def main(argv: list[str] | None = None) -> int:

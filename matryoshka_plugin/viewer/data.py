@@ -154,7 +154,7 @@ def build_viewer_data(
 
     Returns the per-scan output directories (each replaced atomically).
     """
-    from ..adapters.circuit_tracer.truncation import prefix_truncation
+    from ..adapters.circuit_tracer.prefix_transcoders import prefix_truncation
 
     graph_dir = Path(graph_dir)
     graphs = read_graphs(graph_dir)

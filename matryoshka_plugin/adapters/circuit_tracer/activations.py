@@ -3,7 +3,7 @@
 - ``TopKReLU``: sparsify's exact activation (ReLU, then the k largest per token).
   circuit-tracer ships a ``TopK`` module but applies it to raw pre-activations and has
   no loader that builds it; this subclass adds the ReLU and the plugin's loader
-  (``transcoders.load_transcoders_dir``) constructs it.
+  (``loading.load_transcoders_dir``) constructs it.
 - ``calibrate_jumprelu_thresholds``: per-latent JumpReLU thresholds that stock
   circuit-tracer loads with no plugin. It is an approximation of TopK.
 """

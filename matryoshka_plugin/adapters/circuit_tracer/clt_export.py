@@ -22,7 +22,7 @@ from torch import Tensor
 from ...atomic import atomic_dir
 from ...clt.model import MatryoshkaCLT, load_clt
 from ...core.errors import ExportError
-from .export import ACTIVATIONS, write_config_yaml, write_nested_sizes
+from .transcoder_dir import ACTIVATIONS, write_config_yaml, write_nested_sizes
 
 
 def clt_tensors(clt: MatryoshkaCLT, n_model_layers: int) -> dict[int, tuple[dict, dict]]:

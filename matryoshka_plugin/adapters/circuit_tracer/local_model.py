@@ -9,7 +9,9 @@ is the one in the model directory (``cfg.tokenizer_name`` is that path, which is
 what ``create_graph_files`` loads).
 
 GGUF files (and the name ``smollm2``) go through ``matryoshka_plugin.offline``, which
-converts them once into a cached HF folder.
+converts them once into a cached HF folder. ``load_replacement_model`` picks this path
+for local models and circuit-tracer's own ``from_pretrained_and_transcoders`` for
+hub names.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import torch
 from circuit_tracer import ReplacementModel
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
 from ...core.errors import UsageError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
 
 
 def is_local_model(spec: str | None) -> bool:
@@ -133,6 +135,20 @@ def load_local_replacement_model(
     model = ReplacementModel.from_config(cfg, transcoders, backend="transformerlens")
     load_tl_weights(model, state_dict)
     check_bos(model)
+    return model
+
+
+def load_replacement_model(
+    model_spec: str, transcoders, dtype: torch.dtype = torch.float32, backend: str = "transformerlens"
+):
+    """A ``ReplacementModel`` for ``--model``: a local model here, a hub name upstream."""
+    if is_local_model(model_spec):
+        if backend != "transformerlens":
+            raise UsageError("local models (--model PATH) run on --backend transformerlens only")
+        return load_local_replacement_model(model_spec, transcoders, dtype=dtype)
+    model = ReplacementModel.from_pretrained_and_transcoders(model_spec, transcoders, dtype=dtype, backend=backend)
+    if backend == "transformerlens":
+        check_transcoders_fit(model.cfg, transcoders)
     return model
 
 

@@ -1,11 +1,16 @@
-"""Builders shared by the circuit-tracer tests (no tests here).
+"""Tiny random models, tokenizers and runs shared by the tests (no tests here).
 
-A tiny random Llama saved as an HF directory with a word-level tokenizer built with
-``tokenizers``; tiny random sparsify transcoders saved as a sparsify run directory; a
-tiny random circuit-tracer ``CrossLayerTranscoder``; and intervention checks of graph
-edges (the idea of circuit-tracer's test-suite ``verify_*`` helpers: perturb one source
-node with everything else frozen and compare the change of every target with the
-graph's edge weights).
+- Tokenizers built offline with ``tokenizers``: a byte-level BPE trained on a text
+  (``build_tokenizer``) and a word-level one over a fixed vocabulary (``word_tokenizer``).
+- Tiny GPT-2 / Llama configs (``tiny_config``), seeded random models
+  (``random_model``), saved as a local HF folder with their tokenizer (``save_model``).
+- The circuit-tracer setting: a tiny Llama with a word-level vocabulary
+  (``build_tiny_llama``), tiny random sparsify transcoders saved as a sparsify run
+  directory (``build_sparsify_run``), a tiny random circuit-tracer
+  ``CrossLayerTranscoder`` (``build_tiny_clt``), and intervention checks of graph edges
+  (the idea of circuit-tracer's test-suite ``verify_*`` helpers: perturb one source
+  node with everything else frozen and compare the change of every target with the
+  graph's edge weights).
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
-from circuit_tracer.transcoder.activation_functions import JumpReLU
 
+CORPUS = (
+    "It is a truth universally acknowledged, that a single man in possession of a good "
+    "fortune, must be in want of a wife. However little known the feelings or views of "
+    "such a man may be on his first entering a neighbourhood, this truth is so well fixed "
+    "in the minds of the surrounding families, that he is considered the rightful property "
+    "of some one or other of their daughters. "
+) * 40
+
+# The circuit-tracer setting.
 D_MODEL = 16
 N_LAYERS = 2
 WIDTH = 32
@@ -26,38 +38,117 @@ WORDS = "the capital of france is paris a an city big small red blue green house
 PROMPT = "the capital of france is"
 
 
-def build_tiny_llama(root: Path, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# -- tokenizers -------------------------------------------------------------------------
 
-    root.mkdir(parents=True, exist_ok=True)
-    # circuit-tracer prepends the first non-zero special id as BOS: keep pad at 0.
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    ).save_pretrained(root)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=D_MODEL,
-        intermediate_size=2 * D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_theta=5000.0,
-        tie_word_embeddings=False,
+
+def build_tokenizer(
+    text: str = CORPUS,
+    vocab_size: int = 96,
+    *,
+    bos: str = "<|endoftext|>",
+    eos: str = "<|endoftext|>",
+    pad: str | None = "<pad>",
+):
+    """A byte-level BPE tokenizer trained on ``text``, as a transformers tokenizer.
+
+    Special tokens take the first ids in the order pad, bos, eos; with the defaults the
+    BOS/EOS id is 1, as circuit-tracer needs a non-zero BOS id.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(dict.fromkeys(t for t in (pad, bos, eos) if t)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    model = LlamaForCausalLM(cfg)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=512
+    )
+
+
+def word_tokenizer(tokens: list[str], *, bos: str, eos: str, pad: str, unk: str):
+    """A whitespace-split word-level tokenizer; ``tokens[i]`` gets id ``i``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    *,
+    d_model: int = 16,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    n_kv_heads: int = 1,
+    max_positions: int = 128,
+    bos_token_id: int = 1,
+    eos_token_id: int = 1,
+    **extra,
+):
+    """A tiny ``gpt2`` or ``llama`` config (MLP width ``2 * d_model``)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **extra)
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_positions=max_positions, n_embd=d_model, n_layer=n_layers, n_head=n_heads, **ids
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions, **ids,
+    )
+
+
+def random_model(config, seed: int = 0, *, lm_head: bool = True):
+    """A randomly initialised model (in eval mode) for ``config``; ``lm_head=False``: the bare
+    transformer (``AutoModel``)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return (AutoModelForCausalLM if lm_head else AutoModel).from_config(config).eval()
+
+
+def save_model(path: Path, model, tokenizer) -> Path:
+    """``model`` and ``tokenizer`` saved together as a local HF folder."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_model(root: Path, arch: str) -> Path:
+    """A tiny random ``arch`` model with the default BPE tokenizer, in ``root/tiny-<arch>``."""
+    tokenizer = build_tokenizer()
+    model = random_model(tiny_config(arch, len(tokenizer)))
+    return save_model(root / f"tiny-{arch}", model, tokenizer)
+
+
+def build_tiny_llama(root: Path, seed: int = 0) -> Path:
+    """The circuit-tracer setting's Llama (``D_MODEL``, ``N_LAYERS``) over ``WORDS``."""
+    # circuit-tracer prepends the first non-zero special id as BOS: keep pad at 0.
+    tokenizer = word_tokenizer(["<pad>", "<bos>", "<eos>", *WORDS], bos="<bos>", eos="<eos>", pad="<pad>", unk="<pad>")
+    cfg = tiny_config(
+        "llama", len(tokenizer), d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, max_positions=64,
+        eos_token_id=2, rope_theta=5000.0, tie_word_embeddings=False,
+    )
+    model = random_model(cfg, seed)
     # Larger weights than HF's init so that attention and MLPs matter in the checks.
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    model.save_pretrained(root)
-    return root
+    return save_model(root, model, tokenizer)
 
 
 def build_sparsify_run(
@@ -86,7 +177,10 @@ def build_sparsify_run(
     return root
 
 
-def build_tiny_clt(jumprelu: bool, seed: int = 0) -> CrossLayerTranscoder:
+def build_tiny_clt(jumprelu: bool, seed: int = 0):
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
     torch.manual_seed(seed)
     clt = CrossLayerTranscoder(
         N_LAYERS,

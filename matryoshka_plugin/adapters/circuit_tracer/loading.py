@@ -1,0 +1,150 @@
+"""Loading transcoders for circuit-tracer: local exported directories and hub names.
+
+A local directory (``config.yaml`` + safetensors, see ``transcoder_dir``) is checked file by file
+so that a missing or corrupt file is a one-line ``CheckpointError``, then loaded with
+circuit-tracer's own ``load_transcoder_set`` / ``load_clt``; the plugin's TopK kind gets
+its ``TopKReLU``. Anything else is a hub name for circuit-tracer's
+``load_transcoder_from_hub``. Cross-layer transcoders always come back as
+``PrefixCrossLayerTranscoder``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+from safetensors import SafetensorError, safe_open
+
+from ...core.errors import CheckpointError, ExportError, UsageError
+from .activations import TopKReLU
+from .transcoder_dir import CONFIG_FILE, base_model_kind, read_nested_sizes
+from .prefix_transcoders import Transcoders, as_prefix_clt
+
+
+def _check_safetensors(path: Path, keys: Sequence[str]) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            have = set(f.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({msg})") from None
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise CheckpointError(f"{path} lacks tensors {missing}")
+
+
+def load_transcoders_dir(
+    transcoder_dir: Path | str,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lazy_encoder: bool = False,
+    lazy_decoder: bool = True,
+) -> tuple[Transcoders, dict]:
+    """Load a local circuit-tracer transcoder directory, including the plugin's TopK kind.
+
+    Uses circuit-tracer's own ``load_transcoder_set`` / ``load_clt`` and then installs
+    the plugin's ``TopKReLU`` where ``config.yaml`` asks for it. CLTs come back as
+    ``PrefixCrossLayerTranscoder``. ``config["matryoshka"]`` holds the nested-size record
+    (None if the directory has none).
+    """
+    root = Path(transcoder_dir).absolute()
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} not found; a transcoder directory holds config.yaml")
+    try:
+        config = yaml.safe_load(cfg_path.read_text())
+        kind, topk = base_model_kind(str(config["model_kind"]))
+        in_hook, out_hook = config["feature_input_hook"], config["feature_output_hook"]
+    except (yaml.YAMLError, KeyError, TypeError, ExportError) as e:
+        raise CheckpointError(f"{cfg_path} is not a usable circuit-tracer config ({e})") from None
+    common = dict(
+        scan=config.get("scan") or str(root),
+        feature_input_hook=in_hook,
+        feature_output_hook=out_hook,
+        device=torch.device(device) if device is not None else None,
+        dtype=dtype,
+        lazy_encoder=lazy_encoder,
+        lazy_decoder=lazy_decoder,
+    )
+    if kind == "transcoder_set":
+        files = {int(p.stem.split("_")[1]): p for p in root.glob("layer_*.safetensors")}
+        if not files or sorted(files) != list(range(len(files))):
+            raise CheckpointError(f"{root} must hold layer_0.safetensors .. layer_N.safetensors; found {sorted(files)}")
+        for p in files.values():
+            _check_safetensors(p, ["W_enc", "W_dec", "b_enc", "b_dec"])
+        transcoders: Transcoders = load_transcoder_set({i: str(p) for i, p in files.items()}, **common)
+        widths = {t.d_transcoder for t in transcoders}
+    else:
+        n = len(list(root.glob("W_enc_*.safetensors")))
+        if n == 0:
+            raise CheckpointError(f"{root} holds no W_enc_0.safetensors")
+        for i in range(n):
+            _check_safetensors(root / f"W_enc_{i}.safetensors", [f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"])
+            _check_safetensors(root / f"W_dec_{i}.safetensors", [f"W_dec_{i}"])
+        transcoders = as_prefix_clt(load_clt(str(root), **common))
+        widths = {transcoders.d_transcoder}
+    if topk:
+        k = config.get("topk_k")
+        if not isinstance(k, int) or k <= 0:
+            raise CheckpointError(f"{cfg_path}: model_kind {config['model_kind']} needs a positive integer topk_k, got {k!r}")
+        if kind == "transcoder_set":
+            for t in transcoders:
+                t.activation_function = TopKReLU(k)
+        else:
+            transcoders.activation_function = TopKReLU(k)
+    try:
+        config["matryoshka"] = read_nested_sizes(root)
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
+    record = config["matryoshka"]
+    if record is not None and record.get("width") not in widths:
+        raise CheckpointError(f"{root / 'matryoshka.json'} says width {record.get('width')}, the tensors have {sorted(widths)}")
+    return transcoders, config
+
+
+def load_transcoders(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    lazy_encoder: bool = False,
+    lazy_decoder: bool = True,
+) -> tuple[Transcoders, dict]:
+    """``--transcoder_set``: a local directory (``load_transcoders_dir``) or a hub name.
+
+    A path-like ``spec`` that is not a directory is refused here rather than sent to the
+    hub, where it would fail after a long wait with an unrelated message.
+    """
+    if Path(spec).is_dir():
+        return load_transcoders_dir(spec, dtype=dtype, lazy_encoder=lazy_encoder, lazy_decoder=lazy_decoder)
+    if Path(spec).exists() or spec.startswith(("/", "./", "../")):
+        raise UsageError(f"--transcoder_set {spec} is not a directory holding config.yaml")
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    transcoders, config = load_transcoder_from_hub(
+        spec, dtype=dtype, lazy_encoder=lazy_encoder, lazy_decoder=lazy_decoder
+    )
+    config.setdefault("matryoshka", None)
+    return as_prefix_clt(transcoders), config
+
+
+def nested_sizes_of(config: dict) -> list[int] | None:
+    """The nested sizes recorded with loaded transcoders (None: not Matryoshka)."""
+    record = config.get("matryoshka")
+    return None if record is None else record.get("nested_sizes")
+
+
+def warn_if_not_matryoshka(config: dict, prefix_lens: Sequence[int] | None) -> None:
+    """Warn when prefixes are asked of a dictionary that was not trained nested."""
+    if prefix_lens and not nested_sizes_of(config):
+        warnings.warn(
+            "the transcoders record no Matryoshka nested sizes: prefixes of a "
+            "non-Matryoshka dictionary are arbitrary subsets of its latents",
+            UserWarning,
+            stacklevel=2,
+        )

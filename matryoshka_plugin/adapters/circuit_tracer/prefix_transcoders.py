@@ -1,0 +1,141 @@
+"""Transcoders truncated to a Matryoshka prefix, in circuit-tracer (0.5.0).
+
+Truncation is exact: the activation runs over all latents (TopK picks from the full
+width), then latents ``>= P`` are zeroed. circuit-tracer computes its error nodes as
+``mlp_out - reconstruction``, so what the dropped latents carried lands in the error
+nodes and the graph stays a faithful replacement model.
+
+- Per-layer transcoders: each ``SingleLayerTranscoder.activation_function`` is wrapped
+  in ``core.truncation.PrefixActivation``; every path (``encode_sparse``,
+  ``encode_layer``, ``apply_activation_function``) goes through it.
+- Cross-layer transcoders: ``PrefixCrossLayerTranscoder`` (a subclass swapped in by
+  ``as_prefix_clt``; no new parameters) truncates in ``encode`` and
+  ``apply_activation_function`` and fixes two upstream bugs that small prefixes expose
+  (see ``benchmarks/attribution/UPSTREAM_BUGS.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+from circuit_tracer.transcoder.single_layer_transcoder import TranscoderSet
+from torch import Tensor
+
+from ...core.prefixes import check_prefix_len
+from ...core.truncation import PrefixActivation, truncate_dense
+
+
+class PrefixCrossLayerTranscoder(CrossLayerTranscoder):
+    """circuit-tracer's ``CrossLayerTranscoder`` with prefix truncation and two fixes."""
+
+    prefix_len: int | None = None
+    _n_pos: int | None = None
+
+    def _truncate(self, acts: Tensor) -> Tensor:
+        if self.prefix_len is None or self.prefix_len >= acts.shape[-1]:
+            return acts
+        return truncate_dense(acts, self.prefix_len)
+
+    def encode(self, x):
+        return self._truncate(super().encode(x))
+
+    def apply_activation_function(self, layer_id, features):
+        return self._truncate(super().apply_activation_function(layer_id, features))
+
+    def select_decoder_vectors(self, features):
+        if not features.is_sparse:
+            features = features.to_sparse()
+        features = features.coalesce()
+        self._n_pos = int(features.shape[1])
+        if features._nnz() == 0:
+            # Upstream concatenates an empty list here (torch.cat([]) raises).
+            empty = torch.zeros(0, dtype=torch.long, device=features.device)
+            vecs = torch.zeros(0, self.d_model, dtype=self.dtype, device=features.device)
+            return empty, empty.clone(), empty.clone(), vecs, empty.clone()
+        return super().select_decoder_vectors(features)
+
+    def compute_reconstruction(self, pos_ids, layer_ids, decoder_vectors, input_acts=None):
+        # Upstream takes n_pos = pos_ids.max() + 1, which is short when the last
+        # positions have no active latent. A zero vector at the true last position
+        # makes it right without changing the sum.
+        n_pos = input_acts.shape[-2] if input_acts is not None else self._n_pos
+        if n_pos is None:
+            return super().compute_reconstruction(pos_ids, layer_ids, decoder_vectors, input_acts)
+        pos_ids = torch.cat([pos_ids, pos_ids.new_tensor([n_pos - 1])])
+        layer_ids = torch.cat([layer_ids, layer_ids.new_tensor([0])])
+        decoder_vectors = torch.cat([decoder_vectors, decoder_vectors.new_zeros(1, self.d_model)])
+        return super().compute_reconstruction(pos_ids, layer_ids, decoder_vectors, input_acts)
+
+
+def as_prefix_clt(transcoders):
+    """Make a loaded ``CrossLayerTranscoder`` a ``PrefixCrossLayerTranscoder``, in place.
+
+    The subclass adds no parameters, so swapping ``__class__`` keeps every tensor and
+    the lazy loading state; anything else is returned unchanged.
+    """
+    if isinstance(transcoders, CrossLayerTranscoder) and not isinstance(transcoders, PrefixCrossLayerTranscoder):
+        transcoders.__class__ = PrefixCrossLayerTranscoder
+    return transcoders
+
+
+Transcoders = TranscoderSet | CrossLayerTranscoder
+
+
+def transcoder_width(transcoders: Transcoders) -> int:
+    return int(transcoders.d_transcoder)
+
+
+def _transcoders_of(obj) -> Transcoders:
+    # A TranscoderSet itself has a ``transcoders`` ModuleList; only a model is unwrapped.
+    if isinstance(obj, (TranscoderSet, CrossLayerTranscoder)):
+        return obj
+    return getattr(obj, "transcoders", obj)
+
+
+def get_prefix_len(obj) -> int | None:
+    """The prefix length applied to a ``ReplacementModel`` or transcoders (None: full)."""
+    tc = _transcoders_of(obj)
+    if isinstance(tc, CrossLayerTranscoder):
+        return getattr(tc, "prefix_len", None)
+    act = tc[0].activation_function
+    return act.prefix_len if isinstance(act, PrefixActivation) else None
+
+
+def set_prefix_len(obj, prefix_len: int | None) -> None:
+    """Truncate a ``ReplacementModel``'s (or transcoders') latents to ``prefix_len``.
+
+    ``None`` restores the full width. Raises ``UsageError`` unless 1 <= P <= width.
+    """
+    tc = _transcoders_of(obj)
+    if prefix_len is not None:
+        check_prefix_len(prefix_len, transcoder_width(tc))
+    if isinstance(tc, CrossLayerTranscoder):
+        as_prefix_clt(tc).prefix_len = prefix_len
+        return
+    if not isinstance(tc, TranscoderSet):
+        raise TypeError(f"expected a TranscoderSet or CrossLayerTranscoder, got {type(tc).__name__}")
+    for transcoder in tc:
+        act = transcoder.activation_function
+        if prefix_len is None:
+            # Unwrap, so that upstream's isinstance(JumpReLU) checks (to_safetensors)
+            # see the original module again.
+            if isinstance(act, PrefixActivation):
+                transcoder.activation_function = act.base
+            continue
+        if not isinstance(act, PrefixActivation):
+            transcoder.activation_function = act = PrefixActivation(act)
+        act.prefix_len = prefix_len
+
+
+@contextmanager
+def prefix_truncation(obj, prefix_len: int | None) -> Iterator[None]:
+    """Apply ``set_prefix_len`` for the span of a ``with`` block, then restore."""
+    previous = get_prefix_len(obj)
+    set_prefix_len(obj, prefix_len)
+    try:
+        yield
+    finally:
+        set_prefix_len(obj, previous)
