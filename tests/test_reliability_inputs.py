@@ -31,10 +31,10 @@ from matryoshka_plugin.adapters.sparsify_cli import (
     main as sparsify_main,
     read_config_file,
 )
+from matryoshka_plugin.cli.eval import main as eval_main
 from matryoshka_plugin.clt import main as clt_main
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError
 from matryoshka_plugin.demo import main as demo_main
-from matryoshka_plugin.evaluation import main as eval_main
 
 MAINS = {
     "sparsify-matryoshka": sparsify_main,
