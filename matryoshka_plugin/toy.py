@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from .core.errors import UsageError
+
 
 @dataclass
 class ToyConfig:
@@ -63,14 +65,14 @@ class ToyConfig:
     def __post_init__(self):
         for name in ("d_model", "n_parents", "children_per_parent"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+                raise UsageError(f"{name}={getattr(self, name)} must be at least 1")
         if self.n_independent < 0:
-            raise ValueError(f"n_independent={self.n_independent} must be >= 0")
+            raise UsageError(f"n_independent={self.n_independent} must be >= 0")
         for name in ("parent_prob", "child_prob", "independent_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+                raise UsageError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.magnitude_std < 0:
-            raise ValueError(f"magnitude_std={self.magnitude_std} must be >= 0")
+            raise UsageError(f"magnitude_std={self.magnitude_std} must be >= 0")
 
     @property
     def n_children(self) -> int:

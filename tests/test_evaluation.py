@@ -12,13 +12,13 @@ from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 
 from matryoshka_plugin import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
+from matryoshka_plugin.cli.eval import main
 from matryoshka_plugin.core import truncate_dense
 from matryoshka_plugin.evaluation import (
     default_prefix_lens,
     dictionary_power_law,
     evaluate,
     latent_stats,
-    main,
     permute_latents,
     power_law_fit,
     prefix_curve,
@@ -382,7 +382,7 @@ def test_cli_bad_input_is_one_line_without_output(checkpoint, tmp_path, capsys, 
 
 def test_cli_process_exits_non_zero_without_traceback(checkpoint, tmp_path):
     root, _, data = checkpoint
-    args = [sys.executable, "-m", "matryoshka_plugin.evaluation", str(root / "run" / "fit"),
+    args = [sys.executable, "-m", "matryoshka_plugin.cli.eval", str(root / "run" / "fit"),
             "--data", str(data), "--out", str(tmp_path / "e.json"), "--prefix-lens", "999"]
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 2

@@ -33,9 +33,9 @@ from matryoshka_plugin.adapters.sparsify_cli import (
     read_config_file,
 )
 from matryoshka_plugin.cli.clt import main as clt_main
+from matryoshka_plugin.cli.eval import main as eval_main
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError
 from matryoshka_plugin.demo import main as demo_main
-from matryoshka_plugin.evaluation import main as eval_main
 
 MAINS = {
     "sparsify-matryoshka": sparsify_main,

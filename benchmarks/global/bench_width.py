@@ -7,7 +7,7 @@ the ERA/TWERA matrices, width x width). Synthetic TopK codes with Zipf-distribut
 frequencies (as in trained dictionaries), 2 layers, fixed k and token count, so the number
 of co-active pairs stays roughly constant while the width grows.
 
-Usage: python benchmarks/global/bench_width.py [--widths 1024 ...] [--dense-max 8192]
+Usage: python -m benchmarks.global.bench_width [--widths 1024 ...] [--dense-max 8192]
 Writes results/width.json, results/width.md and results/width.png next to this file.
 """
 
@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.common import (
+    REPO,
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
 
 HERE = Path(__file__).parent
 D_MODEL, N_TOKENS, K, CHUNK = 64, 4096, 16, 1024
@@ -87,17 +96,18 @@ def main() -> None:
     jobs = [(m, w) for w in args.widths for m in ("sparse", "dense") if m == "sparse" or w <= args.dense_max]
     rows = []
     for m, w in tqdm(jobs, desc="width sweep"):
-        out = subprocess.run([sys.executable, __file__, "--child", m, str(w)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", m, str(w)],
+                             cwd=REPO, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command=" ".join(["python", "benchmarks/global/bench_width.py", *sys.argv[1:]]),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} {platform.processor() or ''} shared 2-core CPU, torch threads 1".strip(),
+        command=command_line(__spec__.name),
+        date=utc_timestamp(),
+        machine=machine_description(),
         d_model=D_MODEL, n_tokens=N_TOKENS, k=K,
     )
-    (res / "width.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    write_json(dict(meta=meta, rows=rows), res / "width.json")
     by = {(r["method"], r["width"]): r for r in rows}
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}); {N_TOKENS} tokens, k={K}, d_model={D_MODEL}.",
@@ -114,12 +124,8 @@ def main() -> None:
             )
         else:
             lines.append(f"| {w} | {s['n_pairs']} | {s['seconds']:.3f} | - | - | {s['peak_rss_delta_mb']:.0f} | - | - |")
-    (res / "width.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_markdown(lines, res / "width.md")
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for m, style in (("sparse", "o-"), ("dense", "s--")):
         ws = [w for w in args.widths if (m, w) in by]
@@ -131,7 +137,7 @@ def main() -> None:
         ax.legend()
     fig.suptitle(f"global graph vs width ({N_TOKENS} tokens, k={K}); measured {meta['date'][:10]}")
     fig.tight_layout()
-    fig.savefig(res / "width.png", dpi=110)
+    save_figure(fig, res / "width.png")
     print("\n".join(lines))
 
 

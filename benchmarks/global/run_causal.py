@@ -2,15 +2,15 @@
 
 The attribution helper's real run left SmolLM2 transcoders for layers 0-2 only (a
 30-layer model); circuit-tracer's ``ReplacementModel`` needs one transcoder per layer, so
-the causal checks here run on a small random Llama (``tests/test_circuit_tracer_fixtures``
-builder, widened) whose every MLP gets a Matryoshka transcoder *trained* on its own MLP
+the causal checks here run on a small random Llama (the tests' tiny-Llama builder,
+widened) whose every MLP gets a Matryoshka transcoder *trained* on its own MLP
 inputs/outputs (sparsify's Trainer via ``fit_activations``). For each prefix length P the
 strongest active features inside the prefix (layers before the last) are patched with
 factor 0 (ablation) and 2; reported: mechanistic fidelity (cosine, normalised MSE of the
 last layer's residual change, original vs local replacement model), and the last-token
 logit change of constrained and iterative patching.
 
-Usage: python benchmarks/global/run_causal.py [--width 128] [--tokens 30000]
+Usage: python -m benchmarks.global.run_causal [--width 128] [--tokens 30000]
 Writes results/causal.json, results/causal.md, results/causal.png next to this file.
 """
 
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import command_line, machine_description, utc_timestamp, write_json, write_markdown
+from tests import test_circuit_tracer_fixtures as fx
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parents[1] / "tests"))
-import test_circuit_tracer_fixtures as fx  # noqa: E402
 
 
 def mlp_io(model, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -101,9 +99,9 @@ def main() -> None:
         rows_out = prefix_causal_report(model, prompts, nested, factors=(0.0, 2.0), n_features=args.n_features)
     seconds = time.perf_counter() - start
     meta = dict(
-        command="python benchmarks/global/run_causal.py " + " ".join(sys.argv[1:]),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} shared 2-core CPU",
+        command=command_line(__spec__.name),
+        date=utc_timestamp(),
+        machine=machine_description(),
         setup=f"random Llama d_model={args.d_model}, {args.layers} layers, word-level vocab of {len(fx.WORDS)}; "
         f"Matryoshka TopK transcoders width {args.width}, k={args.k}, nested {nested}, trained on {args.tokens} tokens",
         transcoder_fvu=fvu,
@@ -111,7 +109,7 @@ def main() -> None:
     )
     res = HERE / "results"
     res.mkdir(exist_ok=True)
-    (res / "causal.json").write_text(json.dumps(dict(meta=meta, rows=rows_out), indent=1))
+    write_json(dict(meta=meta, rows=rows_out), res / "causal.json")
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
         f"Setup (small and honest, not SmolLM2): {meta['setup']}.",
@@ -120,7 +118,7 @@ def main() -> None:
     table, summary = summarise_fidelity(rows_out, nested)
     lines += table
     lines += ["", "Transcoder FVU per prefix (layer: {P: FVU}): " + json.dumps(fvu)]
-    (res / "causal.md").write_text("\n".join(lines) + "\n")
+    write_markdown(lines, res / "causal.md")
     plot_fidelity(summary, nested, "patched strongest features inside each prefix (small random Llama, trained transcoders)", res / "causal.png")
     print("\n".join(lines))
 

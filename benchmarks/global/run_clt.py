@@ -9,7 +9,7 @@ cross-layer decoder slots rather than its own layer's slot: the median over feat
 decoder (``core.global_graph.clt_effective_decoders``). 0 means a per-layer transcoder
 would give the same virtual weights.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/global/run_clt.py CLT_DIR
+Usage: OMP_NUM_THREADS=1 python -m benchmarks.global.run_clt CLT_DIR
            [--layers 0,10,20,29] [--prefix-lens 64 256 ...] [--n-tokens 4096]
 Writes results/smollm2_clt_global/ (edge lists, plots, meta.json) and
 results/smollm2_clt_global.md.
@@ -20,17 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+# One thread, set before anything imports torch (the machine is shared).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from benchmarks.common import command_line, machine_description, utc_timestamp, write_json, write_markdown  # noqa: E402
 
 HERE = Path(__file__).parent
 
 
 def main() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
@@ -59,7 +61,7 @@ def main() -> None:
         args.layers = ",".join(map(str, picks))
     if args.prefix_lens is None:
         args.prefix_lens = list(clt.nested_sizes)
-    command = "OMP_NUM_THREADS=1 python benchmarks/global/run_clt.py " + " ".join(sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 " + command_line(__spec__.name)
     argv = [
         str(path), "--corpus", "austen", "--model", args.model, "--layers", args.layers,
         "--prefix-len", *map(str, args.prefix_lens), "--n-tokens", str(args.n_tokens),
@@ -86,15 +88,15 @@ def main() -> None:
                 share[f"{a}->{b}"] = {p: float(ratio[:p].median()) for p in args.prefix_lens}
 
     edges_by_p = {r["prefix_len"]: r["n_edges"] for r in meta["prefixes"]}
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    machine = f"{platform.machine()} CPU, 1 torch thread (machine shared with other jobs)"
+    date = utc_timestamp()
+    machine = machine_description()
     summary = dict(
         command=command, date=date, machine=machine, clt=str(path), clt_layers=clt.layers,
         width=clt.num_latents, k=clt.cfg.k, layers=chosen, n_tokens=meta["n_tokens"],
         n_coactive_pairs=meta["n_coactive_pairs"], seconds_total=seconds,
         seconds_stats_and_edges=meta["seconds"], edges=edges_by_p, cross_layer_share=share,
     )
-    (out.parent / "smollm2_clt_global.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, out.parent / "smollm2_clt_global.json")
     lines = [
         f"Measured {date} by `{command}` ({machine}).",
         "",
@@ -114,7 +116,7 @@ def main() -> None:
         "|---|" + "---|" * len(args.prefix_lens),
         *[f"| {k} | " + " | ".join(f"{v[p]:.2f}" for p in args.prefix_lens) + " |" for k, v in share.items()],
     ]
-    (out.parent / "smollm2_clt_global.md").write_text("\n".join(lines) + "\n")
+    write_markdown(lines, out.parent / "smollm2_clt_global.md")
     print("\n".join(lines))
 
 

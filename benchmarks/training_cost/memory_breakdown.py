@@ -5,21 +5,19 @@ of the forward pass (loss computed, backward not yet run), each split into
 parameters, gradients, optimizer state, activations and temporaries. Writes
 ``results/memory_breakdown.json`` and prints a markdown table.
 
-    .venv/bin/python benchmarks/training_cost/memory_breakdown.py
+    .venv/bin/python -m benchmarks.training_cost.memory_breakdown
 """
 
-import json
-import sys
+import argparse
 from pathlib import Path
 
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from benchmarks.common import write_json
+from benchmarks.training_cost.run import CoderStep, build_coder, variant_specs
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
-
-from run import CoderStep, build_coder, variant_specs  # noqa: E402
-
 MiB = 2**20
 
 
@@ -45,14 +43,15 @@ def peaks(step: CoderStep) -> dict:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help, no options
     d, width, k, batch = 256, 4096, 32, 1024
     torch.manual_seed(1)
     x = torch.randn(batch, d)
     res = {}
     for spec in variant_specs("levels"):
         res[spec["name"]] = peaks(CoderStep(build_coder(spec, d, width, k), x))
-    out = HERE / "results" / "memory_breakdown.json"
-    out.write_text(json.dumps({"shape": {"d": d, "width": width, "k": k, "batch": batch}, "peaks": res}, indent=1))
+    write_json({"shape": {"d": d, "width": width, "k": k, "batch": batch}, "peaks": res},
+               HERE / "results" / "memory_breakdown.json")
     base = res["plain"]
     print(f"d={d} width={width} k={k} batch={batch}\n")
     print("| variant | step peak MiB | ratio | forward peak MiB | ratio | forward activations+temps MiB | ratio |")

@@ -8,22 +8,22 @@
    strided middle axis, and its flip-cumsum-flip backward, are slow). The candidate is
    patched in for its own steps only; the plugin files are not changed.
 
-    .venv/bin/python benchmarks/training_cost/profile_matryoshka.py
+    .venv/bin/python -m benchmarks.training_cost.profile_matryoshka
 """
 
-import json
-import sys
+import argparse
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import matryoshka_plugin.adapters.sparsify as adapter
+from benchmarks.common import write_json
+from benchmarks.training_cost.run import CoderStep, build_coder, interleaved_times, summarize
+from matryoshka_plugin.atomic import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-import matryoshka_plugin.adapters.sparsify as adapter  # noqa: E402
-from run import CoderStep, build_coder, interleaved_times, summarize  # noqa: E402
 
 shipped_cumulative = adapter.cumulative_reconstructions
 
@@ -66,6 +66,7 @@ def op_table(step, n=4) -> str:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help, no options
     d, width, k, batch = 256, 4096, 32, 1024
     torch.manual_seed(1)
     x = torch.randn(batch, d)
@@ -85,14 +86,13 @@ def main():
         "fixed10_tril": Patched(CoderStep(build_coder({"kind": "matryoshka", "levels": 10}, d, width, k), x)),
     }
     out = HERE / "results"
-    out.mkdir(exist_ok=True)
     text = [f"d={d} width={width} k={k} batch={batch}, 4 steps each, 1 thread\n"]
     for name in ("plain", "fixed5", "fixed5_tril"):
         text.append(f"== {name}\n{op_table(steps[name])}\n")
-    (out / "profile.txt").write_text("\n".join(text))
+    atomic_write_text(out / "profile.txt", "\n".join(text))
     summary = summarize(interleaved_times(steps, 20, 2, "profile A/B"))
-    (out / "profile_ab.json").write_text(json.dumps(
-        {"shape": {"d": d, "width": width, "k": k, "batch": batch}, "summary": summary}, indent=1))
+    write_json({"shape": {"d": d, "width": width, "k": k, "batch": batch}, "summary": summary},
+               out / "profile_ab.json")
     for name, s in summary.items():
         print(f"{name:14s} median {s['median_s'] * 1e3:7.1f} ms  ratio to plain {s['ratio']:.3f} "
               f"[{s['ratio_q1']:.3f}, {s['ratio_q3']:.3f}]")

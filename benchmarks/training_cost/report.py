@@ -1,15 +1,13 @@
 """Plots and markdown tables from ``results/results.json`` (written by ``run.py``).
 
-    .venv/bin/python benchmarks/training_cost/report.py   # -> results/*.png, results/tables.md
+    .venv/bin/python -m benchmarks.training_cost.report   # -> results/*.png, results/tables.md
 """
 
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from benchmarks.common import pyplot, save_figure
+from matryoshka_plugin.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
@@ -22,7 +20,7 @@ def _err(rows):
 
 def plot_levels(rows, path):
     lv = {r["variant"]: r for r in rows if r["suite"] == "levels"}
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = pyplot().subplots(1, 2, figsize=(10, 4))
     xs = [2, 5, 10]
     for prefix, label, marker in (("fixed", "plugin, one decode", "o"), ("naive", "naive re-decode per level", "s")):
         rs = [lv[f"{prefix}{L}"] for L in xs]
@@ -45,13 +43,13 @@ def plot_levels(rows, path):
     r0 = next(iter(lv.values()))
     fig.suptitle(f"d={r0['d']} width={r0['width']} k={r0['k']} batch={r0['batch']}, CPU 1 thread; bars: quartiles of per-round ratios")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_width(rows, path):
     ws = [r for r in rows if r["suite"] == "width"]
     widths = sorted({r["width"] for r in ws})
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = pyplot().subplots(1, 2, figsize=(10, 4))
     for name in ("fixed5", "pareto", "nested5", "naive5"):
         rs = [next(r for r in ws if r["width"] == w and r["variant"] == name) for w in widths]
         ax[0].errorbar(widths, [r["ratio"] for r in rs], yerr=_err(rs), marker="o", capsize=3, label=name)
@@ -65,7 +63,7 @@ def plot_width(rows, path):
         a.legend(fontsize=7)
     fig.suptitle(f"d={ws[0]['d']} k={ws[0]['k']} batch={ws[0]['batch']}, 5 levels; CPU 1 thread")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def table(rows, cols):
@@ -129,7 +127,7 @@ def main():
                           f"{by[a]['tracked_peak_bytes'] / by[b]['tracked_peak_bytes']:.2f} |\n")
     elif meta.get("saelens_error"):
         md.append(f"\nSAELens suite skipped: {meta['saelens_error']}\n")
-    (out / "tables.md").write_text("".join(md))
+    atomic_write_text(out / "tables.md", "".join(md))
     print((out / "tables.md").read_text())
 
 

@@ -25,22 +25,22 @@ Suites (``--suites``):
 - ``saelens``: ours against SAELens' ``MatryoshkaBatchTopKTrainingSAE`` (needs
   ``sae_lens``; run with a Python that has it, see ``--saelens-python``).
 
-Reproduce (about 15 minutes on 2 CPU cores shared with other jobs)::
+Reproduce from the repository root (about 15 minutes on 2 CPU cores shared with other
+jobs)::
 
-    .venv/bin/python benchmarks/training_cost/run.py
+    .venv/bin/python -m benchmarks.training_cost.run
 """
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+# One thread, set before torch is imported: timings on a shared machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -55,7 +55,17 @@ from matryoshka_plugin.adapters.sparsify import (  # noqa: E402
     MatryoshkaSparseCoder,
     MatryoshkaSparseCoderConfig,
 )
+from matryoshka_plugin.atomic import atomic_write  # noqa: E402
 from matryoshka_plugin.core import truncate_sparse  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    SAELENS_PYTHON,
+    command_line,
+    machine_description,
+    utc_timestamp,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -246,8 +256,8 @@ def maxrss_worker(args_json: str) -> None:
 def maxrss_delta(spec: dict, d: int, width: int, k: int, batch: int) -> int:
     payload = json.dumps({"spec": spec, "d": d, "width": width, "k": k, "batch": batch})
     res = subprocess.run(
-        [sys.executable, __file__, "--_maxrss-worker", payload],
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-m", __spec__.name, "--_maxrss-worker", payload],
+        cwd=REPO, capture_output=True, text=True, check=True,
     )
     return json.loads(res.stdout.strip().splitlines()[-1])["delta_bytes"]
 
@@ -303,7 +313,8 @@ def trainer_suite(reps: int) -> list[dict]:
 def run_saelens_suite(reps: int, warmup: int) -> list[dict]:
     """Ours against SAELens' BatchTopK and Matryoshka BatchTopK trainers, one process."""
     import sae_lens
-    from saelens_variants import saelens_steps
+
+    from benchmarks.training_cost.saelens_variants import saelens_steps
 
     rows = []
     for d, width, k, batch in [(256, 1024, 32, 1024), (256, 4096, 32, 1024)]:
@@ -335,17 +346,16 @@ def run_saelens_suite(reps: int, warmup: int) -> list[dict]:
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     import csv
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    tmp.rename(out / "results.json")
+    write_json({"meta": meta, "rows": rows}, out / "results.json")
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.rename(out / "results.csv")
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "results.csv", write_csv)
 
 
 def main(argv=None):
@@ -359,7 +369,7 @@ def main(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of suites not run now from an existing results.json")
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--saelens-python", default=str(HERE.parents[1] / ".venv-saelens/bin/python"),
+    p.add_argument("--saelens-python", default=str(SAELENS_PYTHON),
                    help="Python with sae_lens and this plugin installed, for the saelens suite")
     p.add_argument("--_maxrss-worker", dest="maxrss_worker", help=argparse.SUPPRESS)
     p.add_argument("--_saelens-only", dest="saelens_only", action="store_true", help=argparse.SUPPRESS)
@@ -367,7 +377,6 @@ def main(argv=None):
     if a.maxrss_worker:
         return maxrss_worker(a.maxrss_worker)
     if a.saelens_only:
-        sys.path.insert(0, str(HERE))
         print(json.dumps(run_saelens_suite(a.reps, a.warmup)))
         return
     suites = a.suites.split(",")
@@ -394,8 +403,8 @@ def main(argv=None):
         if not py.exists():
             saelens_error = f"{py} not found"
         else:
-            res = subprocess.run([str(py), __file__, "--_saelens-only", "--reps", str(a.reps),
-                                  "--warmup", str(a.warmup)], capture_output=True, text=True)
+            res = subprocess.run([str(py), "-m", __spec__.name, "--_saelens-only", "--reps", str(a.reps),
+                                  "--warmup", str(a.warmup)], cwd=REPO, capture_output=True, text=True)
             if res.returncode:
                 saelens_error = res.stderr.strip().splitlines()[-1]
             else:
@@ -403,15 +412,15 @@ def main(argv=None):
         if saelens_error:
             print(f"saelens suite skipped: {saelens_error}", file=sys.stderr)
     meta = {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs (shared), no GPU".strip(),
+        "date_utc": utc_timestamp(),
+        "machine": machine_description(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": a.reps,
         "warmup": a.warmup,
         "wall_s": round(time.time() - t0, 1),
         "saelens_error": saelens_error,
-        "command": "python " + " ".join([str(Path(__file__).relative_to(HERE.parents[1]))] + sys.argv[1:]),
+        "command": command_line(__spec__.name, argv),
     }
     old = a.out / "results.json"
     if a.merge and old.exists():

@@ -7,22 +7,21 @@ the same SmolLM2 + transcoders, serves them and drives Debian chromium with Play
 one screenshot per prefix length, one of a decomposition, one after clicking a refining
 latent. Screenshots are palette-quantised PNGs in benchmarks/viewer/.
 
-    python benchmarks/viewer/run.py [--n-tokens 4096]
+    python -m benchmarks.viewer.run [--n-tokens 4096]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
+from benchmarks.common import command_line, machine_description, scratch_dir, utc_timestamp, write_json
+
+HERE = Path(__file__).resolve().parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -38,10 +37,10 @@ def save_png(page, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--graphs", default=str(ROOT / "benchmarks/attribution/results/graphs"))
-    p.add_argument("--transcoders", default=str(Path.home() / ".cache/matryoshka_plugin/attribution-bench/export-topk"))
+    p.add_argument("--graphs", default=str(HERE.parent / "attribution" / "results" / "graphs"))
+    p.add_argument("--transcoders", default=str(scratch_dir("attribution-bench") / "export-topk"))
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--work", default=str(Path.home() / ".cache/matryoshka_plugin/viewer-bench"))
+    p.add_argument("--work", default=str(scratch_dir("viewer-bench")))
     p.add_argument("--n-tokens", type=int, default=4096)
     p.add_argument("--skip-build", action="store_true", help="reuse the viewer data in --work")
     args = p.parse_args()
@@ -126,9 +125,9 @@ def main() -> int:
     finally:
         server.stop()
     record = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, CPU only",
+        "command": command_line(__spec__.name),
+        "date": utc_timestamp(),
+        "machine": machine_description(),
         "graphs": {g["prefix_len"]: g["slug"] for g in graphs},
         "rendered_nodes_per_prefix": counts,
         "graphs_dir": args.graphs,
@@ -140,7 +139,7 @@ def main() -> int:
         "console_errors": errors,
         "off_localhost_requests": off,
     }
-    (HERE / "screenshots.json").write_text(json.dumps(record, indent=2))
+    write_json(record, HERE / "screenshots.json")
     print(json.dumps(record, indent=2))
     return 0 if not errors and not off else 1
 

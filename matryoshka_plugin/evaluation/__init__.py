@@ -1,0 +1,48 @@
+"""Evaluating sparse coders as progressive (prefix) coders.
+
+Works on any sparsify ``SparseCoder`` or plugin ``MatryoshkaSparseCoder``. A prefix
+model of length P is the full coder with every latent >= P switched off after the
+activation, as in ``core.truncation.truncate_sparse``.
+
+- ``prefix_metrics``: which prefix lengths to evaluate, ``reconstruct`` at a prefix,
+  ``rsa`` (representational similarity) and ``prefix_curve`` (FVU, MSE, L0, RSA per
+  prefix, on held-out activations).
+- ``latent_stats``: L0, dead and dense latents, activation frequency per level.
+- ``power_law``: power-law fits of per-latent importance against rank.
+- ``reorder``: ``reorder_by_mean_squared_activation`` turns a vanilla coder into a
+  progressive one by sorting its latents.
+- ``splice``: the coder spliced into a Hugging Face causal LM; cross-entropy, loss
+  recovered and KL per prefix.
+- ``report``: all activation-level metrics as one JSON-ready dict (``evaluate``), and
+  its plot.
+- ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
+  whose flags live in ``cli.eval``).
+"""
+
+from .checkpoint import evaluate_checkpoint
+from .latent_stats import latent_activation_sums, latent_stats
+from .power_law import dictionary_power_law, power_law_fit
+from .prefix_metrics import default_prefix_lens, prefix_curve, reconstruct, rsa
+from .reorder import permute_latents, reorder_by_mean_squared_activation
+from .report import coder_summary, evaluate, plot_report, save_report
+from .splice import spliced, spliced_lm_metrics
+
+__all__ = [
+    "coder_summary",
+    "default_prefix_lens",
+    "dictionary_power_law",
+    "evaluate",
+    "evaluate_checkpoint",
+    "latent_activation_sums",
+    "latent_stats",
+    "permute_latents",
+    "plot_report",
+    "power_law_fit",
+    "prefix_curve",
+    "reconstruct",
+    "reorder_by_mean_squared_activation",
+    "rsa",
+    "save_report",
+    "spliced",
+    "spliced_lm_metrics",
+]
