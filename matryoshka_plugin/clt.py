@@ -796,7 +796,7 @@ USER_ERRORS = (CLTError, MatryoshkaConfigError, ExportError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapters.sparsify import CheckpointError
+    from .core.errors import CheckpointError
 
     try:
         from .offline import OfflineAssetError

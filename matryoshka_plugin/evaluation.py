@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .adapters.sparsify import CheckpointError, load_coder
+    from .adapters.sparsify import load_coder
+    from .core.errors import CheckpointError
 
     for name in ("max_rows", "lm_batch_size"):
         v = getattr(args, name)

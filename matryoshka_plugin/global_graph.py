@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .adapters.circuit_tracer.export import ExportError, hookpoint_layer
 from .atomic import atomic_dir
-from .adapters.sparsify import CheckpointError, load_coder
+from .adapters.sparsify import load_coder
+from .core.errors import CheckpointError
 from .core.global_graph import (
     CoactivationStats,
     Edges,

@@ -321,7 +321,7 @@ def test_clt_upstream_small_prefix_bugs_are_fixed():
 def test_loader_reports_missing_and_corrupt_files(export_dir, tmp_path):
     import shutil
 
-    from matryoshka_plugin.adapters.sparsify import CheckpointError
+    from matryoshka_plugin.core.errors import CheckpointError
 
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)

@@ -26,13 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from matryoshka_plugin.adapters.circuit_tracer import cli as ct_cli
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
-from matryoshka_plugin.adapters.sparsify_cli import (
-    UsageError,
-    main as sparsify_main,
-    read_config_file,
-)
+from matryoshka_plugin.adapters.sparsify.run_config import read_config_file
+from matryoshka_plugin.cli.sparsify import main as sparsify_main
 from matryoshka_plugin.clt import main as clt_main
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError
+from matryoshka_plugin.core.errors import UsageError
 from matryoshka_plugin.demo import main as demo_main
 from matryoshka_plugin.evaluation import main as eval_main
 

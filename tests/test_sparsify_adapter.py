@@ -16,7 +16,7 @@ from matryoshka_plugin import (
     load_coder,
     prefix_fvu,
 )
-from matryoshka_plugin.adapters.sparsify import CheckpointError
+from matryoshka_plugin.core.errors import CheckpointError
 from matryoshka_plugin.core import MatryoshkaConfigError
 from matryoshka_plugin.fit import fit_activations
 

@@ -24,7 +24,7 @@ from unittest.mock import patch
 from ...atomic import atomic_write, atomic_write_text
 from ...core.config import MatryoshkaConfigError
 from ...core.prefixes import check_prefix_len
-from ..sparsify import CheckpointError
+from ...core.errors import CheckpointError
 from .export import ACTIVATIONS, ExportError, export_transcoder_set, hookpoint_layer
 from .local_model import check_transcoders_fit, is_local_model
 from ...core.errors import UsageError

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ...atomic import atomic_dir
-from ..sparsify import CheckpointError, load_coder
+from ...core.errors import CheckpointError
+from ..sparsify import load_coder
 from ...core.errors import ExportError
 
 NESTED_SIZES_FILE = "matryoshka.json"

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...core.prefixes import check_prefix_len
 from ...core.truncation import PrefixActivation, truncate_dense
-from ..sparsify import CheckpointError
+from ...core.errors import CheckpointError
 from .activations import TopKReLU
 from .export import CONFIG_FILE, ExportError, base_model_kind, read_nested_sizes
 
