@@ -31,7 +31,7 @@ from matryoshka_plugin.cli.sparsify import main as sparsify_main
 from matryoshka_plugin.clt import main as clt_main
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError
 from matryoshka_plugin.core.errors import UsageError
-from matryoshka_plugin.demo import main as demo_main
+from matryoshka_plugin.cli.demo import main as demo_main
 from matryoshka_plugin.evaluation import main as eval_main
 
 MAINS = {
