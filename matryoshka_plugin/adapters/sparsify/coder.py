@@ -34,6 +34,7 @@ from ...core.prefixes import level_weights, with_bias_level
 THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
 
+
 @dataclass
 class MatryoshkaSparseCoderConfig(MatryoshkaConfig, SparseCoderConfig):
     """sparsify's ``SparseCoderConfig`` with the Matryoshka options added."""

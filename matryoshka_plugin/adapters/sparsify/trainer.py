@@ -23,6 +23,7 @@ from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_cla
 MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
 """Checkpoint file beside sparsify's ``state.pt``: each coder's sampler and threshold."""
 
+
 @dataclass
 class MatryoshkaTrainConfig(TrainConfig):
     """sparsify's ``TrainConfig`` whose ``sae`` section accepts the Matryoshka options."""

@@ -33,6 +33,7 @@ from .trainer import MatryoshkaTrainer
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names: ``auto`` is CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -45,6 +46,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_language_model(args: MatryoshkaRunConfig, device: torch.device):
+    """The model to hook, on ``device``: bf16 on a CUDA device that has it, else fp32."""
     from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
 
     if args.load_in_8bit and device.type != "cuda":
@@ -66,6 +68,7 @@ def load_language_model(args: MatryoshkaRunConfig, device: torch.device):
 
 
 def text_files(path: Path) -> list[Path]:
+    """A text file, or a folder's ``*.txt`` files in name order: one document each."""
     files = [path] if path.is_file() else sorted(path.glob("*.txt"))
     if not files:
         raise UsageError(f"dataset folder {path} holds no .txt files")
@@ -134,9 +137,11 @@ def train(args: MatryoshkaRunConfig) -> None:
         raise UsageError(f"--finetune {args.finetune}: no such checkpoint folder")
 
     def load_artifacts(run_args: MatryoshkaRunConfig, rank: int):
-        # Under torchrun upstream has already called torch.cuda.set_device(rank), so
-        # a "cuda" device without an index is this rank's GPU.
-        return load_language_model(run_args, device), load_data(run_args)
+        # As upstream does, rank r's model goes on cuda:r (under torchrun, rank is
+        # LOCAL_RANK; alone, 0); an explicit cuda:N is kept.
+        on_rank = device.type == "cuda" and device.index is None
+        rank_device = torch.device("cuda", rank) if on_rank else device
+        return load_language_model(run_args, rank_device), load_data(run_args)
 
     def build_trainer(cfg: MatryoshkaRunConfig, dataset, model) -> MatryoshkaTrainer:
         print(f"Device: {device}; Matryoshka: {cfg.sae.matryoshka}")
