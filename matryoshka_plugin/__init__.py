@@ -1,7 +1,16 @@
 """Matryoshka sparse coders for the open interpretability stack.
 
-``matryoshka_plugin.core`` holds the math in plain torch; ``matryoshka_plugin.adapters``
-holds one thin adapter per upstream tool.
+- ``core``: the Matryoshka math in plain torch, with no upstream imports.
+- ``adapters``: one thin adapter per upstream tool (sparsify, circuit-tracer, ...).
+- ``cli``: the console scripts, one module each (options and output only).
+- ``viewer``: the local attribution-graph viewer.
+- Top-level modules: the jobs built on those (``fit``: training from activations,
+  ``demo_job``, evaluation, CLTs, global graphs) and what they share: ``offline``
+  (the offline model), ``corpus`` (the Austen texts), ``asset_cache`` (where both are
+  cached) and ``atomic`` (crash-safe writing).
+
+The sparsify adapter's main names (``load_coder``, ``MatryoshkaTrainer``, ...) are
+importable from here.
 """
 
 from .core import MatryoshkaConfig, MatryoshkaConfigError

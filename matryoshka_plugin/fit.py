@@ -16,12 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .atomic import recover_dir
 from .adapters.sparsify import (
     MatryoshkaSparseCoderConfig,
     MatryoshkaTrainConfig,
     MatryoshkaTrainer,
 )
+from .atomic import recover_dir
+from .core.errors import UsageError
 
 HOOKPOINT = "site"
 
@@ -69,9 +70,9 @@ def load_activations(source: Tensor | str | Path, key: str) -> Tensor:
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read activations from {path}: {e}") from None
+        raise UsageError(f"cannot read activations from {path}: {e}") from None
     if key not in tensors:
-        raise ValueError(f"{path} has no tensor {key!r}; it holds {sorted(tensors)}")
+        raise UsageError(f"{path} has no tensor {key!r}; it holds {sorted(tensors)}")
     return tensors[key]
 
 
@@ -101,18 +102,18 @@ def fit_activations(
     x = load_activations(inputs, "inputs").float()
     y = None if targets is None else load_activations(targets, "targets").float()
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty [rows, d] matrix, got shape {tuple(x.shape)}")
+        raise UsageError(f"inputs must be a non-empty [rows, d] matrix, got shape {tuple(x.shape)}")
     if y is not None and (y.ndim != 2 or y.shape[0] != x.shape[0]):
-        raise ValueError(
+        raise UsageError(
             f"targets shape {tuple(y.shape)} does not match inputs shape {tuple(x.shape)}"
         )
     if cfg.transcode != (y is not None):
-        raise ValueError(
+        raise UsageError(
             f"transcode={cfg.transcode} needs targets {'given' if cfg.transcode else 'omitted'}"
         )
     n_seq = x.shape[0] // seq_len
     if n_seq * seq_len < batch_size:
-        raise ValueError(
+        raise UsageError(
             f"batch_size={batch_size} rows exceeds the {n_seq * seq_len} usable rows"
         )
     order = torch.randperm(n_seq * seq_len, generator=torch.Generator().manual_seed(seed))

@@ -360,7 +360,8 @@ def test_clt_training_install_gets_one_clear_error(tmp_path):
 def test_smollm2_default_path(tmp_path):
     """The embedded default: SmolLM2-135M on Austen, cache -> train -> export (CLI)."""
     pytest.importorskip("gguf")
-    from matryoshka_plugin.offline import OfflineAssetError, smollm2_gguf_path
+    from matryoshka_plugin.core.errors import OfflineAssetError
+    from matryoshka_plugin.offline import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

@@ -15,8 +15,10 @@ from sparsify import SparseCoder
 
 from tiny import build_tokenizer, random_model, save_model, tiny_config
 
-from matryoshka_plugin import demo, load_coder
-from matryoshka_plugin.offline import austen_dataset, austen_texts
+from matryoshka_plugin import demo_job as demo
+from matryoshka_plugin import load_coder
+from matryoshka_plugin.cli import demo as demo_cli
+from matryoshka_plugin.corpus import austen_dataset, austen_texts
 
 LAYERS = [0, 1]
 WIDTH = 64
@@ -62,7 +64,7 @@ def tiny_args(model, out, **overrides):
 @pytest.fixture(scope="module")
 def demo_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-out")
-    assert demo.main(tiny_args(tiny_model, out)) == 0
+    assert demo_cli.main(tiny_args(tiny_model, out)) == 0
     return out
 
 
@@ -141,7 +143,7 @@ def test_table_marks_nested_sizes(demo_run):
     ],
 )
 def test_bad_options_fail_with_one_line(tiny_model, tmp_path, capsys, override, message):
-    assert demo.main(tiny_args(tiny_model, tmp_path / "out", **override)) == 2
+    assert demo_cli.main(tiny_args(tiny_model, tmp_path / "out", **override)) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err
@@ -152,7 +154,7 @@ def test_bad_options_fail_with_one_line(tiny_model, tmp_path, capsys, override, 
 def test_layer_beyond_model_is_rejected(tiny_model, tmp_path, capsys):
     argv = tiny_args(tiny_model, tmp_path / "out")
     argv[argv.index("--layers") :] = ["--layers", "0", "7"]
-    assert demo.main(argv) == 2
+    assert demo_cli.main(argv) == 2
     assert "the model has layers 0..2" in capsys.readouterr().err
 
 
@@ -161,7 +163,7 @@ def test_demo_on_smollm2(tmp_path):
     out = tmp_path / "out"
     argv = ["--out", str(out), "--layers", "1", "--steps", "3", "--batch-size", "4",
             "--num-latents", "256", "--eval-tokens", "512", "--novels", "persuasion"]
-    assert demo.main(argv) == 0
+    assert demo_cli.main(argv) == 0
     results = json.loads((out / demo.RESULTS_JSON).read_text())
     fvu = results["layers"]["layers.1.mlp"]["prefix_fvu"]
     assert all(math.isfinite(v) for v in fvu.values())

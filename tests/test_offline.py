@@ -13,14 +13,10 @@ import torch
 
 from tiny import build_tokenizer
 
-from matryoshka_plugin import offline
-from matryoshka_plugin.offline import (
-    AUSTEN_NOVELS,
-    SMOLLM2,
-    OfflineAssetError,
-    austen_texts,
-    split_text,
-)
+from matryoshka_plugin import corpus, offline
+from matryoshka_plugin.core.errors import OfflineAssetError
+from matryoshka_plugin.corpus import AUSTEN_NOVELS, austen_texts, split_text
+from matryoshka_plugin.offline import SMOLLM2
 
 needs_apt = pytest.mark.skipif(
     shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
@@ -37,7 +33,7 @@ def texts():
 def test_corpus_extracted_from_debian_package(tmp_path, monkeypatch):
     # An empty cache forces the whole path: apt-get download, dpkg-deb -x, rdata parse.
     monkeypatch.setenv("MATRYOSHKA_CACHE", str(tmp_path))
-    if any(c.is_file() for c in (p / "Rdata.rdx" for p in offline._rdata_dir_candidates()[1:])):
+    if any(c.is_file() for c in (p / "Rdata.rdx" for p in corpus._rdata_dir_candidates()[1:])):
         pytest.skip("the R package is installed system-wide, so nothing is downloaded")
     texts = austen_texts()
     assert list(texts) == list(AUSTEN_NOVELS)
@@ -94,23 +90,23 @@ def test_write_texts_cli(tmp_path, texts, capsys):
 
 
 def test_austen_dataset_chunks(tiny_tokenizer):
-    ds = offline.austen_dataset(tiny_tokenizer, 48, "test", novels=["persuasion"])
+    ds = corpus.austen_dataset(tiny_tokenizer, 48, "test", novels=["persuasion"])
     assert len(ds) > 10
     assert ds[:]["input_ids"].shape == (len(ds), 48)
     # The text round-trips through the tokenizer: its words are in the chunks.
     decoded = tiny_tokenizer.decode(ds[0]["input_ids"])
     assert "the" in decoded.lower()
-    train = offline.austen_dataset(tiny_tokenizer, 48, "train", novels=["persuasion"])
+    train = corpus.austen_dataset(tiny_tokenizer, 48, "train", novels=["persuasion"])
     assert 6 < len(train) / len(ds) < 12  # about 90% : 10%
 
 
 def test_austen_dataset_rejects_bad_arguments(tiny_tokenizer):
     with pytest.raises(ValueError, match="novels=.*choose from"):
-        offline.austen_dataset(tiny_tokenizer, 32, "train", novels=["ulysses"])
+        corpus.austen_dataset(tiny_tokenizer, 32, "train", novels=["ulysses"])
     with pytest.raises(ValueError, match="ctx_len=1"):
-        offline.austen_dataset(tiny_tokenizer, 1, "train")
+        corpus.austen_dataset(tiny_tokenizer, 1, "train")
     with pytest.raises(ValueError, match="split='valid'"):
-        offline.austen_dataset(tiny_tokenizer, 32, "valid")
+        corpus.austen_dataset(tiny_tokenizer, 32, "valid")
 
 
 def test_bad_model_names_fail_with_one_line():

@@ -57,11 +57,8 @@ def _in_place_saving() -> None:
 
     from sparsify import SparseCoder
 
-    from matryoshka_plugin.adapters.sparsify import (
-        THRESHOLD_KEY,
-        MatryoshkaSparseCoder,
-        MatryoshkaTrainer,
-    )
+    from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder, MatryoshkaTrainer
+    from matryoshka_plugin.adapters.sparsify.coder import THRESHOLD_KEY
 
     def save_to_disk(self, path):
         SparseCoder.save_to_disk(self, path)
@@ -80,13 +77,9 @@ def _check(save_dir: Path, x, cfg) -> dict:
     from datasets import Dataset
     from sparsify import SparseCoder, Trainer
 
-    from matryoshka_plugin.adapters.sparsify import (
-        MATRYOSHKA_STATE_FILE,
-        THRESHOLD_KEY,
-        MatryoshkaTrainConfig,
-        MatryoshkaTrainer,
-        load_coder,
-    )
+    from matryoshka_plugin.adapters.sparsify import MatryoshkaTrainConfig, MatryoshkaTrainer, load_coder
+    from matryoshka_plugin.adapters.sparsify.coder import THRESHOLD_KEY
+    from matryoshka_plugin.adapters.sparsify.trainer import MATRYOSHKA_STATE_FILE
     from matryoshka_plugin.fit import ActivationReplay
 
     run_dir = save_dir / RUN_NAME

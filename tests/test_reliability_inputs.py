@@ -27,15 +27,13 @@ from safetensors.torch import load_file, save_file
 from matryoshka_plugin.cli import circuit_tracer as ct_cli
 from matryoshka_plugin.cli import export as export_cli
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
-from matryoshka_plugin.adapters.sparsify_cli import (
-    UsageError,
-    main as sparsify_main,
-    read_config_file,
-)
+from matryoshka_plugin.adapters.sparsify.run_config import read_config_file
 from matryoshka_plugin.cli.clt import main as clt_main
+from matryoshka_plugin.cli.demo import main as demo_main
 from matryoshka_plugin.cli.eval import main as eval_main
+from matryoshka_plugin.cli.sparsify import main as sparsify_main
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError
-from matryoshka_plugin.demo import main as demo_main
+from matryoshka_plugin.core.errors import UsageError
 
 MAINS = {
     "sparsify-matryoshka": sparsify_main,

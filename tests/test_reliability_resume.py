@@ -20,12 +20,12 @@ import torch
 from sparsify import SparseCoder
 
 from matryoshka_plugin.adapters.sparsify import (
-    MATRYOSHKA_STATE_FILE,
-    THRESHOLD_KEY,
     MatryoshkaSparseCoderConfig,
     MatryoshkaTrainer,
     load_coder,
 )
+from matryoshka_plugin.adapters.sparsify.coder import THRESHOLD_KEY
+from matryoshka_plugin.adapters.sparsify.trainer import MATRYOSHKA_STATE_FILE
 from matryoshka_plugin.atomic import atomic_dir, commit_dir, recover_dir, staging_dir
 from matryoshka_plugin.fit import fit_activations
 

@@ -16,7 +16,7 @@ from matryoshka_plugin import (
     load_coder,
     prefix_fvu,
 )
-from matryoshka_plugin.adapters.sparsify import CheckpointError
+from matryoshka_plugin.core.errors import CheckpointError
 from matryoshka_plugin.core import MatryoshkaConfigError
 from matryoshka_plugin.fit import fit_activations
 
@@ -304,31 +304,27 @@ def test_trainer_fit_on_tiny_models(tmp_path, tiny_model_dir, sae_kwargs):
         SparseCoder.load_from_disk(run / hookpoint)
 
 
-def test_matryoshka_false_trains_stock_coders(tiny_llama_dir, tmp_path):
+def tiny_llama_trainer(tiny_llama_dir, save_dir, **sae_options) -> MatryoshkaTrainer:
+    """sparsify's trainer on the tiny Llama's first MLP, fed random token ids."""
     from datasets import Dataset
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(tiny_llama_dir)
     data = Dataset.from_dict({"input_ids": torch.randint(2, 90, (8, 16))}).with_format("torch")
     cfg = MatryoshkaTrainConfig(
-        sae=MatryoshkaSparseCoderConfig(num_latents=32, k=4), batch_size=4,
-        hookpoints=["layers.0.mlp"], log_to_wandb=False, save_dir=str(tmp_path),
+        sae=MatryoshkaSparseCoderConfig(num_latents=32, k=4, **sae_options), batch_size=4,
+        hookpoints=["layers.0.mlp"], log_to_wandb=False, save_dir=str(save_dir),
     )
-    trainer = MatryoshkaTrainer(cfg, data, model)
+    return MatryoshkaTrainer(cfg, data, model)
+
+
+def test_matryoshka_false_trains_stock_coders(tiny_llama_dir, tmp_path):
+    trainer = tiny_llama_trainer(tiny_llama_dir, tmp_path)
     assert type(trainer.saes["layers.0.mlp"]) is SparseCoder
 
 
 def test_batch_topk_without_matryoshka_is_plain_batch_topk(tiny_llama_dir, tmp_path):
-    from datasets import Dataset
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(tiny_llama_dir)
-    data = Dataset.from_dict({"input_ids": torch.randint(2, 90, (8, 16))}).with_format("torch")
-    cfg = MatryoshkaTrainConfig(
-        sae=MatryoshkaSparseCoderConfig(num_latents=32, k=4, batch_topk=True), batch_size=4,
-        hookpoints=["layers.0.mlp"], log_to_wandb=False, save_dir=str(tmp_path),
-    )
-    coder = MatryoshkaTrainer(cfg, data, model).saes["layers.0.mlp"]
+    coder = tiny_llama_trainer(tiny_llama_dir, tmp_path, batch_topk=True).saes["layers.0.mlp"]
     assert isinstance(coder, MatryoshkaSparseCoder)
     x = torch.randn(10, 16)
     out = coder(x)

@@ -10,7 +10,7 @@ import yaml
 from sparsify import SparseCoder
 
 from matryoshka_plugin import load_coder
-from matryoshka_plugin.adapters.sparsify_cli import main
+from matryoshka_plugin.cli.sparsify import main
 
 FAST = ["--ctx_len", "32", "--batch_size", "2", "--max_examples", "8", "--log_to_wandb", "false",
         "--data_preprocessing_num_proc", "1", "--num_latents", "32", "--k", "4", "--device", "cpu",
@@ -47,7 +47,7 @@ def test_saved_config_json_feeds_back_and_resume_reads_save_dir(tmp_path, tiny_l
     strided = tmp_path / "strided.json"
     strided.write_text(json.dumps({**saved, "layers": [0, 1], "layer_stride": 2,
                                    "hookpoints": ["layers.0", "layers.1"]}))
-    from matryoshka_plugin.adapters.sparsify_cli import read_config_file
+    from matryoshka_plugin.adapters.sparsify.run_config import read_config_file
 
     reread = read_config_file(str(strided))
     assert reread.hookpoints == ["layers.0", "layers.1"] and reread.layer_stride == 1
@@ -150,7 +150,7 @@ def test_help_lists_every_sparsify_flag_plus_ours():
     flags = {o for a in upstream._actions for o in a.option_strings}
     # A real process: the console entry point, not just main().
     result = subprocess.run(
-        [sys.executable, "-m", "matryoshka_plugin.adapters.sparsify_cli", "--help"],
+        [sys.executable, "-m", "matryoshka_plugin.cli.sparsify", "--help"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0

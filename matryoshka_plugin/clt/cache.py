@@ -183,7 +183,8 @@ def token_source(model_spec: str, dataset: str, ctx_len: int, batch_size: int, s
         g = torch.Generator().manual_seed(seed)
         while True:
             yield torch.randint(1, vocab, (batch_size, ctx_len), generator=g)
-    from ..offline import austen_dataset, load_tokenizer
+    from ..corpus import austen_dataset
+    from ..offline import load_tokenizer
 
     ds = austen_dataset(load_tokenizer(model_spec), ctx_len=ctx_len).shuffle(seed=seed)
     ids = ds.with_format("torch")["input_ids"]

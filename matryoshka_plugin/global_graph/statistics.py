@@ -29,7 +29,7 @@ def corpus_token_batches(
     if ctx_len < 2:
         raise GlobalGraphError(f"--ctx-len {ctx_len} is too small; allowed: 2 or more")
     if str(corpus) == "austen":
-        from ..offline import austen_texts
+        from ..corpus import austen_texts
 
         texts = list(austen_texts().values())
     else:

@@ -18,7 +18,7 @@ PROG = "python -m matryoshka_plugin.viewer"
 
 def _texts(corpus: str) -> list[str]:
     if corpus == "austen":
-        from ..offline import austen_texts
+        from ..corpus import austen_texts
 
         return list(austen_texts().values())
     path = Path(corpus)

@@ -23,7 +23,7 @@ from circuit_tracer import ReplacementModel
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
-from ...core.errors import UsageError
+from ...core.errors import OfflineAssetError, UsageError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -47,7 +47,7 @@ def _load_hf(path: Path, dtype: torch.dtype):
 
 
 def _gguf_to_hf_dir(spec: str) -> Path:
-    from matryoshka_plugin.offline import OfflineAssetError, resolve_model
+    from matryoshka_plugin.offline import resolve_model
 
     try:
         return Path(resolve_model(spec))

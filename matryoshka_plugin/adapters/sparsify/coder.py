@@ -1,47 +1,24 @@
-"""Matryoshka training inside EleutherAI sparsify (PyPI ``eai-sparsify``).
+"""The Matryoshka coder: sparsify's ``SparseCoder`` trained with the nested loss.
 
-- ``MatryoshkaSparseCoderConfig``: sparsify's coder config plus the Matryoshka fields.
-- ``MatryoshkaSparseCoder``: a ``SparseCoder`` whose training forward returns the
-  nested loss in ``fvu``, the one field of the output the trainer optimises.
-- ``MatryoshkaTrainer``: sparsify's ``Trainer`` building Matryoshka coders when
-  ``sae.matryoshka`` is true, and saving/restoring their sampler and threshold state.
-- ``load_coder``: loads any sparsify or plugin checkpoint with its Matryoshka metadata.
-
-Checkpoints keep sparsify's layout. With the shared decoder they hold exactly
-sparsify's tensors, so stock ``SparseCoder.load_from_disk`` loads them.
+``MatryoshkaSparseCoder``'s training forward returns the nested loss in ``fvu``, the one
+field of the output sparsify's trainer optimises; outside training it is the plain
+coder. It also offers BatchTopK and prefix-specific decoders. Its ``sae.safetensors``
+holds exactly sparsify's tensors unless ``nested_decoders`` adds the level decoders;
+the BatchTopK threshold travels in ``cfg.json``.
 """
 
 import json
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from unittest.mock import patch
 
-from .installed_sparsify import require_pypi_sparsify
-
-# Before any ``import sparsify``: clt-training's package import fails on Triton.
-require_pypi_sparsify()
-
-import sparsify.trainer  # noqa: E402
 import torch
-import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model
-from schedulefree import ScheduleFreeWrapper
-from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
+from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
-from ..atomic import (
-    atomic_dir,
-    atomic_write_text,
-    link_missing,
-    recover_dir,
-    recover_path,
-    remove_stale,
-)
-from ..core import (
+from ...atomic import atomic_dir, atomic_write_text
+from ...core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
     PrefixSampler,
@@ -51,24 +28,16 @@ from ..core import (
     prefix_decodes,
     truncate_sparse,
 )
-from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
-from ..core.errors import CheckpointError
+from ...core.batch_topk import batch_topk, encode_pre_acts, threshold_select
+from ...core.prefixes import level_weights, with_bias_level
 
-MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 THRESHOLD_KEY = "batch_topk_threshold"
+"""The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
 
 
 @dataclass
 class MatryoshkaSparseCoderConfig(MatryoshkaConfig, SparseCoderConfig):
     """sparsify's ``SparseCoderConfig`` with the Matryoshka options added."""
-
-
-@dataclass
-class MatryoshkaTrainConfig(TrainConfig):
-    """sparsify's ``TrainConfig`` whose ``sae`` section accepts the Matryoshka options."""
-
-    sae: MatryoshkaSparseCoderConfig = field(default_factory=MatryoshkaSparseCoderConfig)
 
 
 def _group_size_check(cfg: SparseCoderConfig, sizes: list[int], width: int) -> None:
@@ -131,8 +100,7 @@ class MatryoshkaSparseCoder(SparseCoder):
 
     def step_sizes(self) -> list[int]:
         """This step's prefix lengths, with the bias level (size 0) first if enabled."""
-        sizes = self.sampler()
-        return [0, *sizes] if self.cfg.bias_level else sizes
+        return with_bias_level(self.sampler(), self.cfg.bias_level)
 
     # -- encoder: BatchTopK --------------------------------------------------
     def encode(self, x: Tensor) -> EncoderOutput:
@@ -224,7 +192,7 @@ class MatryoshkaSparseCoder(SparseCoder):
         # full_recon = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
         # as a function (values and gradients) without recomputing the skip matmul.
         target = y - full_recon + recons[:, -1]
-        weights = self.cfg.normalised_level_weights(len(sizes))
+        weights = level_weights(self.cfg, len(sizes))
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
         return out._replace(fvu=loss)
@@ -300,150 +268,3 @@ def coder_class(cfg) -> type[SparseCoder]:
     """The plugin coder when any plugin feature is on, else stock sparsify's."""
     plugin = getattr(cfg, "matryoshka", False) or getattr(cfg, "batch_topk", False)
     return MatryoshkaSparseCoder if plugin else SparseCoder
-
-
-@contextmanager
-def building_coders(coder_cls: type[SparseCoder]):
-    """Make sparsify's ``Trainer.__init__`` build ``coder_cls`` (it hard-codes the class)."""
-    with patch.object(sparsify.trainer, "SparseCoder", coder_cls):
-        yield
-
-
-class MatryoshkaTrainer(Trainer):
-    """sparsify's ``Trainer``; builds plugin coders when ``cfg.sae`` asks for them."""
-
-    def __init__(self, cfg: TrainConfig, dataset, model):
-        with building_coders(coder_class(cfg.sae)):
-            super().__init__(cfg, dataset, model)
-        # sparsify saves mid-step, after the optimiser step and before `global_step`
-        # counts it, so its state.pt is one batch behind and a resume replays a batch.
-        # Remember at which global_step the optimiser last stepped to tell the cases apart.
-        self._stepped_at: int | None = None
-        self._resume_k: int | None = None
-        for opt in self.optimizers:
-            base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
-            base.register_step_post_hook(self._note_optimizer_step)
-
-    def _note_optimizer_step(self, *_):
-        self._stepped_at = self.global_step
-
-    def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
-        saes = self.saes if saes is None else saes
-        return {n: s for n, s in saes.items() if isinstance(s, MatryoshkaSparseCoder)}
-
-    def _checkpoint(self, saes, path: str, rank_zero: bool):
-        # sparsify writes each file in place, so a crash mid-save leaves a mix of two
-        # steps. Here the whole checkpoint goes to a temporary sibling that replaces
-        # `path` once complete. With distribute_modules every rank writes its own coders
-        # into the same directory, which a per-rank swap would clobber: keep upstream's
-        # in-place writing there.
-        if dist.is_initialized() and self.cfg.distribute_modules:
-            self._write_checkpoint(saes, path, rank_zero)
-            return
-        target = recover_dir(path)
-        remove_stale(target)
-        with atomic_dir(target) as tmp:
-            self._write_checkpoint(saes, str(tmp), rank_zero)
-            # Keep what sat beside the old checkpoint (sparsify's best/), as in-place
-            # writing would have.
-            link_missing(target, tmp)
-
-    def _write_checkpoint(self, saes, path: str, rank_zero: bool):
-        mid_step = self._stepped_at is not None and self._stepped_at == self.global_step
-        self.global_step += mid_step  # batches consumed, as resume counts them
-        try:
-            super()._checkpoint(saes, path, rank_zero)
-        finally:
-            self.global_step -= mid_step
-        if coders := self._matryoshka_coders(saes):
-            torch.save(
-                {n: c.matryoshka_state() for n, c in coders.items()},
-                f"{path}/{MATRYOSHKA_STATE_FILE}",
-            )
-
-    def load_state(self, path: str):
-        # A crash between the renames of a checkpoint swap leaves the complete
-        # checkpoint under a sibling name; put it back first.
-        recover_dir(path)
-        super().load_state(path)
-        for opt in self.optimizers:
-            if isinstance(opt, ScheduleFreeWrapper):
-                # The saved weights are the averaged (eval) point x. sparsify loads
-                # them into a wrapper already in train mode, so training would go on
-                # from x instead of y; redo the x -> y swap that a live run does after
-                # each save.
-                opt.train_mode = False
-                opt.train()
-        if self.cfg.k_decay_steps and self.global_step:
-            # A live run's step s uses the k computed after step s-1; fit() starts with
-            # the k of step s itself, and the current k is not saved.
-            self.global_step -= 1
-            self._resume_k = super().get_current_k()
-            self.global_step += 1
-        state_file = Path(path) / MATRYOSHKA_STATE_FILE
-        if (coders := self._matryoshka_coders()) and state_file.exists():
-            state = torch.load(state_file, weights_only=False)
-            for name, coder in coders.items():
-                coder.load_matryoshka_state(state[name])
-
-    def get_current_k(self) -> int:
-        if (k := self._resume_k) is not None:  # once, for fit()'s first call after resume
-            self._resume_k = None
-            return k
-        return super().get_current_k()
-
-
-
-def read_coder_config(path: Path | str) -> tuple[dict, int]:
-    """The ``cfg.json`` of a coder directory as a dict, and its ``d_in``."""
-    cfg_path = Path(path) / "cfg.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} not found; a coder directory holds cfg.json and sae.safetensors")
-    try:
-        cfg_dict = json.loads(cfg_path.read_text())
-        d_in = int(cfg_dict.pop("d_in"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid sparsify cfg.json ({e})") from None
-    return cfg_dict, d_in
-
-
-def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCoder:
-    """Load a sparsify or plugin coder directory, keeping its Matryoshka metadata.
-
-    Plain checkpoints come back as stock ``SparseCoder``; Matryoshka ones as
-    ``MatryoshkaSparseCoder`` in eval mode.
-    """
-    path = recover_path(path)  # a crash mid checkpoint swap leaves it under a sibling name
-    cfg_dict, d_in = read_coder_config(path)
-    threshold = cfg_dict.pop(THRESHOLD_KEY, None)
-    coder_cls = coder_class(SimpleNamespace(**cfg_dict))
-    cfg_cls = SparseCoderConfig if coder_cls is SparseCoder else MatryoshkaSparseCoderConfig
-    cfg = cfg_cls.from_dict(cfg_dict, drop_extra_fields=True)
-    weights = path / "sae.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found")
-    coder = coder_cls(d_in, cfg, device=device)
-    try:
-        # load_model casts silently; integer or boolean weights mean a wrong file.
-        with safe_open(str(weights), "pt") as f:
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-        if bad := {k: t for k, t in dtypes.items() if t not in FLOAT_DTYPES}:
-            raise CheckpointError(
-                f"{weights} holds non-floating tensors {bad}; allowed dtypes: "
-                f"{', '.join(FLOAT_DTYPES)}"
-            )
-        load_model(coder, str(weights), device=str(device), strict=True)
-    except SafetensorError as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None
-    except RuntimeError as e:
-        hint = (
-            " (it holds Matryoshka tensors: load it with matryoshka_plugin.load_coder, "
-            "whose cfg.json must keep matryoshka: true)"
-            if "_levels" in str(e)
-            else ""
-        )
-        msg = str(e).replace("\n", " ").replace("\t", "")
-        raise CheckpointError(f"{weights} does not match {path / 'cfg.json'}{hint}: {msg}") from None
-    if threshold is not None and isinstance(coder, MatryoshkaSparseCoder):
-        coder.batch_topk_threshold.fill_(float(threshold))
-    return coder.eval()

@@ -1,6 +1,6 @@
-"""The main job, offline: Matryoshka transcoders on SmolLM2's early MLPs, trained on Austen.
+"""The demo's job, offline: Matryoshka transcoders on SmolLM2's early MLPs, trained on Austen.
 
-``matryoshka-demo`` trains one Matryoshka transcoder per MLP (input -> output of
+``run`` (the work of ``matryoshka-demo``, whose options are in ``cli.demo``) trains one Matryoshka transcoder per MLP (input -> output of
 ``layers.N.mlp``) with sparsify's own ``Trainer`` (through ``MatryoshkaTrainer``),
 saves them in sparsify's checkpoint layout, then measures the FVU of every prefix of
 each dictionary on held-out text (the last 10% of each novel) and writes a JSON table
@@ -13,10 +13,8 @@ Outputs under ``--out``:
   prefix_fvu.png    FVU against prefix length, one line per layer
 """
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,24 +22,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, atomic_write_text
 from .adapters.sparsify import (
     MatryoshkaSparseCoderConfig,
     MatryoshkaTrainConfig,
     MatryoshkaTrainer,
     load_coder,
 )
-from .core import MatryoshkaConfigError
+from .atomic import atomic_write, atomic_write_text
 from .core.errors import UsageError
+from .core.prefixes import default_prefix_ladder
+from .corpus import AUSTEN_NOVELS, austen_dataset
 from .hooks import capture_mlps
-from .offline import (
-    AUSTEN_NOVELS,
-    SMOLLM2,
-    OfflineAssetError,
-    austen_dataset,
-    load_pretrained,
-    load_tokenizer,
-)
+from .offline import load_pretrained, load_tokenizer
 
 RUN_NAME = "austen"
 RESULTS_JSON = "prefix_fvu.json"
@@ -67,9 +59,8 @@ def truncate_layers(base_model, n_layers: int) -> None:
 
 
 def prefix_grid(width: int, nested_sizes: list[int]) -> list[int]:
-    """Powers of two below the width plus the nested sizes: a readable FVU curve."""
-    powers = [2**i for i in range(int(math.log2(width)) + 1) if 2**i < width]
-    return sorted(set(powers) | set(nested_sizes) | {width})
+    """Powers of two below the width, the width and the nested sizes: a readable FVU curve."""
+    return sorted(set(default_prefix_ladder(width)) | set(nested_sizes))
 
 
 @torch.no_grad()
@@ -145,35 +136,6 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="matryoshka-demo",
-        description="Train Matryoshka transcoders on SmolLM2's early MLPs on Jane Austen "
-        "(offline, CPU) and plot held-out FVU against prefix length.",
-    )
-    p.add_argument("--out", default="matryoshka-demo", help="output folder (default %(default)s)")
-    p.add_argument("--model", default=SMOLLM2,
-                   help="a .gguf, a Hugging Face folder, a hub name, or 'smollm2' (default)")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2],
-                   help="MLP layers to train transcoders on (default 0 1 2)")
-    p.add_argument("--num-latents", type=int, default=2048, help="dictionary width")
-    p.add_argument("--k", type=int, default=32, help="active latents per token")
-    p.add_argument("--ctx-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--steps", type=int, default=80, help="training steps")
-    p.add_argument("--optimizer", default="signum", choices=["adam", "signum", "muon"],
-                   help="sparsify optimizer (default %(default)s, sparsify's own default)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: sparsify's width-scaled rule)")
-    p.add_argument("--lr-warmup-steps", type=int, default=20, help="Adam warm-up steps")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for FVU")
-    p.add_argument("--novels", nargs="+", default=None, choices=list(AUSTEN_NOVELS),
-                   help="train/evaluate on these novels only (default all six)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle and initialisation seed")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    return p
-
-
 def _check_args(args) -> None:
     for name in ("num_latents", "k", "ctx_len", "batch_size", "steps", "eval_tokens"):
         if getattr(args, name) < 1:
@@ -187,7 +149,10 @@ def _check_args(args) -> None:
 
 
 def run(args) -> dict:
-    """Train, evaluate, write outputs; the results dict (also written as JSON)."""
+    """Train, evaluate, write outputs; the results dict (also written as JSON).
+
+    ``args`` holds the options of ``cli.demo.build_parser``.
+    """
     _check_args(args)
     out = Path(args.out)
     existing = next(p for p in (out, *out.parents) if p.exists())
@@ -277,23 +242,3 @@ def run(args) -> dict:
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
     plot_prefix_fvu(results, out / RESULTS_PNG)
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        results = run(args)
-    except (UsageError, OfflineAssetError, MatryoshkaConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print()
-    print(f"Held-out FVU by prefix length ({results['settings']['eval_tokens']:,} tokens):")
-    print(format_table(results))
-    out = Path(args.out)
-    print(f"\nCheckpoints: {results['settings']['checkpoints']}")
-    print(f"Table: {out / RESULTS_JSON}\nPlot: {out / RESULTS_PNG}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

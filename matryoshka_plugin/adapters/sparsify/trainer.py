@@ -1,0 +1,122 @@
+"""sparsify's ``Trainer``, building Matryoshka coders and saving their extra state.
+
+``MatryoshkaTrainer`` builds ``MatryoshkaSparseCoder`` when ``cfg.sae`` asks for a
+plugin feature, writes each checkpoint whole into a temporary sibling before swapping
+it in, saves and restores the coders' prefix sampler and BatchTopK threshold, and
+mends two resume quirks of upstream (a replayed batch, the ScheduleFree point, k decay).
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest.mock import patch
+
+import sparsify.trainer
+import torch
+import torch.distributed as dist
+from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoder, TrainConfig, Trainer
+
+from ...atomic import atomic_dir, link_missing, recover_dir, remove_stale
+from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
+
+MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
+"""Checkpoint file beside sparsify's ``state.pt``: each coder's sampler and threshold."""
+
+
+@dataclass
+class MatryoshkaTrainConfig(TrainConfig):
+    """sparsify's ``TrainConfig`` whose ``sae`` section accepts the Matryoshka options."""
+
+    sae: MatryoshkaSparseCoderConfig = field(default_factory=MatryoshkaSparseCoderConfig)
+
+
+@contextmanager
+def building_coders(coder_cls: type[SparseCoder]):
+    """Make sparsify's ``Trainer.__init__`` build ``coder_cls`` (it hard-codes the class)."""
+    with patch.object(sparsify.trainer, "SparseCoder", coder_cls):
+        yield
+
+
+class MatryoshkaTrainer(Trainer):
+    """sparsify's ``Trainer``; builds plugin coders when ``cfg.sae`` asks for them."""
+
+    def __init__(self, cfg: TrainConfig, dataset, model):
+        with building_coders(coder_class(cfg.sae)):
+            super().__init__(cfg, dataset, model)
+        # sparsify saves mid-step, after the optimiser step and before `global_step`
+        # counts it, so its state.pt is one batch behind and a resume replays a batch.
+        # Remember at which global_step the optimiser last stepped to tell the cases apart.
+        self._stepped_at: int | None = None
+        self._resume_k: int | None = None
+        for opt in self.optimizers:
+            base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
+            base.register_step_post_hook(self._note_optimizer_step)
+
+    def _note_optimizer_step(self, *_):
+        self._stepped_at = self.global_step
+
+    def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
+        saes = self.saes if saes is None else saes
+        return {n: s for n, s in saes.items() if isinstance(s, MatryoshkaSparseCoder)}
+
+    def _checkpoint(self, saes, path: str, rank_zero: bool):
+        # sparsify writes each file in place, so a crash mid-save leaves a mix of two
+        # steps. Here the whole checkpoint goes to a temporary sibling that replaces
+        # `path` once complete. With distribute_modules every rank writes its own coders
+        # into the same directory, which a per-rank swap would clobber: keep upstream's
+        # in-place writing there.
+        if dist.is_initialized() and self.cfg.distribute_modules:
+            self._write_checkpoint(saes, path, rank_zero)
+            return
+        target = recover_dir(path)
+        remove_stale(target)
+        with atomic_dir(target) as tmp:
+            self._write_checkpoint(saes, str(tmp), rank_zero)
+            # Keep what sat beside the old checkpoint (sparsify's best/), as in-place
+            # writing would have.
+            link_missing(target, tmp)
+
+    def _write_checkpoint(self, saes, path: str, rank_zero: bool):
+        mid_step = self._stepped_at is not None and self._stepped_at == self.global_step
+        self.global_step += mid_step  # batches consumed, as resume counts them
+        try:
+            super()._checkpoint(saes, path, rank_zero)
+        finally:
+            self.global_step -= mid_step
+        if coders := self._matryoshka_coders(saes):
+            torch.save(
+                {n: c.matryoshka_state() for n, c in coders.items()},
+                f"{path}/{MATRYOSHKA_STATE_FILE}",
+            )
+
+    def load_state(self, path: str):
+        # A crash between the renames of a checkpoint swap leaves the complete
+        # checkpoint under a sibling name; put it back first.
+        recover_dir(path)
+        super().load_state(path)
+        for opt in self.optimizers:
+            if isinstance(opt, ScheduleFreeWrapper):
+                # The saved weights are the averaged (eval) point x. sparsify loads
+                # them into a wrapper already in train mode, so training would go on
+                # from x instead of y; redo the x -> y swap that a live run does after
+                # each save.
+                opt.train_mode = False
+                opt.train()
+        if self.cfg.k_decay_steps and self.global_step:
+            # A live run's step s uses the k computed after step s-1; fit() starts with
+            # the k of step s itself, and the current k is not saved.
+            self.global_step -= 1
+            self._resume_k = super().get_current_k()
+            self.global_step += 1
+        state_file = Path(path) / MATRYOSHKA_STATE_FILE
+        if (coders := self._matryoshka_coders()) and state_file.exists():
+            state = torch.load(state_file, weights_only=False)
+            for name, coder in coders.items():
+                coder.load_matryoshka_state(state[name])
+
+    def get_current_k(self) -> int:
+        if (k := self._resume_k) is not None:  # once, for fit()'s first call after resume
+            self._resume_k = None
+            return k
+        return super().get_current_k()

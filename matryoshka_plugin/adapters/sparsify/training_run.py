@@ -1,0 +1,167 @@
+"""One ``sparsify-matryoshka`` training run: sparsify's own CLI flow with the plugin's pieces.
+
+``train`` runs upstream's ``sparsify.__main__.run`` itself, so a run under ``torchrun``
+goes as upstream's does: the process group from ``LOCAL_RANK``, rank 0 preparing the
+data before the other ranks, the dataset sharded per rank, ``--distribute_modules``
+(in sparsify's ``Trainer``), and only rank 0 printing. For the span of that one call
+three of its names are swapped, as they must differ for the plugin:
+
+- ``parse``: the config is already parsed, with ``--config_path`` and the Matryoshka
+  options (``cli.sparsify``).
+- ``load_artifacts``: upstream's puts the model on ``cuda:{rank}`` and reads a hub
+  dataset or a ``save_to_disk`` folder; the plugin's runs on ``--device`` (CPU too),
+  resolves offline models (a ``.gguf`` file, ``smollm2``; see ``offline``) and also
+  reads plain text files, a split of a saved ``DatasetDict`` and ``.bin`` memmaps.
+- ``Trainer``: ``MatryoshkaTrainer``, resuming from ``{save_dir}/{run_name}`` (upstream
+  reads ``checkpoints/{run_name}`` whatever ``--save_dir`` says).
+"""
+
+from pathlib import Path
+from unittest.mock import patch
+
+import sparsify.__main__ as upstream_cli
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from sparsify.data import MemmapDataset, chunk_and_tokenize
+from sparsify.utils import simple_parse_args_string
+
+from ...atomic import recover_dir
+from ...core.errors import UsageError
+from ...offline import resolve_model
+from .run_config import MatryoshkaRunConfig
+from .trainer import MatryoshkaTrainer
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names: ``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use cpu or auto")
+    return device
+
+
+def load_language_model(args: MatryoshkaRunConfig, device: torch.device):
+    """The model to hook, on ``device``: bf16 on a CUDA device that has it, else fp32."""
+    from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
+
+    if args.load_in_8bit and device.type != "cuda":
+        raise UsageError("--load_in_8bit true needs a CUDA device")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.float16 if args.load_in_8bit else torch.bfloat16 if cuda_bf16 else torch.float32
+    # End-to-end losses need the LM head.
+    cls = AutoModel if args.loss_fn == "fvu" else AutoModelForCausalLM
+    return cls.from_pretrained(
+        resolve_model(args.model),
+        device_map={"": str(device)},
+        quantization_config=(
+            BitsAndBytesConfig(load_in_8bit=True) if args.load_in_8bit else None
+        ),
+        revision=args.revision,
+        dtype=dtype,
+        token=args.hf_token,
+    )
+
+
+def text_files(path: Path) -> list[Path]:
+    """A text file, or a folder's ``*.txt`` files in name order: one document each."""
+    files = [path] if path.is_file() else sorted(path.glob("*.txt"))
+    if not files:
+        raise UsageError(f"dataset folder {path} holds no .txt files")
+    return files
+
+
+def load_data(args: MatryoshkaRunConfig):
+    """The training set, from any of the DATASET forms the CLI accepts."""
+    if args.dataset.endswith(".bin"):
+        return MemmapDataset(args.dataset, args.ctx_len, args.max_examples)
+    path = Path(args.dataset).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        dataset = Dataset.load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            if args.split not in dataset:
+                raise UsageError(f"--split {args.split!r} not in {path}; it has {list(dataset)}")
+            dataset = dataset[args.split]
+    elif path.exists():
+        texts = [f.read_text(errors="replace") for f in text_files(path)]
+        dataset = Dataset.from_dict({args.text_column: texts})
+    elif args.dataset.startswith((".", "/", "~")):
+        raise UsageError(f"dataset {args.dataset!r} does not exist")
+    else:  # a hub name, for users who are online
+        kwargs = simple_parse_args_string(args.data_args)
+        dataset = load_dataset(args.dataset, split=args.split, **kwargs)
+
+    if "input_ids" not in dataset.column_names:
+        if args.text_column not in dataset.column_names:
+            raise UsageError(
+                f"--text_column {args.text_column!r} not in the dataset's columns "
+                f"{dataset.column_names}"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model), token=args.hf_token)
+        dataset = chunk_and_tokenize(
+            dataset,
+            tokenizer,
+            max_seq_len=args.ctx_len,
+            num_proc=max(args.data_preprocessing_num_proc, 1),
+            text_key=args.text_column,
+        )
+    if len(dataset) < args.batch_size:
+        raise UsageError(
+            f"dataset {args.dataset!r} gives {len(dataset)} sequences of --ctx_len "
+            f"{args.ctx_len} tokens, fewer than --batch_size {args.batch_size}"
+        )
+    dataset = dataset.shuffle(args.shuffle_seed).with_format("torch")
+    if limit := args.max_examples:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def train(args: MatryoshkaRunConfig) -> None:
+    """Train as ``sparsify`` does on ``args``; a user's mistake raises ``UsageError``.
+
+    The checks that need no model come first, so a bad flag costs no model load.
+    """
+    device = resolve_device(args.device)
+    run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    if args.resume:
+        recover_dir(run_dir)  # a crash mid checkpoint swap leaves it under a sibling name
+    if args.resume and not (run_dir / "state.pt").is_file():
+        raise UsageError(f"--resume: no checkpoint to resume at {run_dir}")
+    if args.finetune and not Path(args.finetune).is_dir():
+        raise UsageError(f"--finetune {args.finetune}: no such checkpoint folder")
+
+    def load_artifacts(run_args: MatryoshkaRunConfig, rank: int):
+        # As upstream does, rank r's model goes on cuda:r (under torchrun, rank is
+        # LOCAL_RANK; alone, 0); an explicit cuda:N is kept.
+        on_rank = device.type == "cuda" and device.index is None
+        rank_device = torch.device("cuda", rank) if on_rank else device
+        return load_language_model(run_args, rank_device), load_data(run_args)
+
+    def build_trainer(cfg: MatryoshkaRunConfig, dataset, model) -> MatryoshkaTrainer:
+        print(f"Device: {device}; Matryoshka: {cfg.sae.matryoshka}")
+        trainer = MatryoshkaTrainer(cfg, dataset, model)
+        if cfg.resume:
+            # Upstream then calls trainer.load_state("checkpoints/{run_name}").
+            trainer.load_state = lambda _upstream_path: MatryoshkaTrainer.load_state(
+                trainer, str(run_dir)
+            )
+        elif cfg.finetune:
+            for name in trainer.saes:  # upstream loads these files next
+                weights = Path(cfg.finetune) / name / "sae.safetensors"
+                if not weights.is_file():
+                    raise UsageError(f"--finetune: {weights} not found")
+        return trainer
+
+    with patch.multiple(
+        upstream_cli,
+        parse=lambda _config_class: args,
+        load_artifacts=load_artifacts,
+        Trainer=build_trainer,
+    ):
+        upstream_cli.run()
