@@ -208,6 +208,7 @@ EXAMPLE = _img("example")
 EXAMPLE_SCRIPT = _script("example")
 QUANTILE = _img("quantile")
 TOP_LOGIT = _img("top-logit")
+BOTTOM_LOGIT = _script("bottom-logit")
 DECOMP = _img("decomposition")
 PROMPT = _img("prompt")
 SCAN = "hostile-scan"
@@ -249,7 +250,7 @@ def _write_hostile_files(graphs: Path) -> None:
         (pages / "features" / f"{cantor(layer, latent)}.json").write_text(json.dumps({
             "index": cantor(layer, latent), "act_min": 0.0, "act_max": 1.0,
             "examples_quantiles": [{"quantile_name": QUANTILE, "examples": [example]}],
-            "top_logits": [TOP_LOGIT], "bottom_logits": [_script("bottom-logit")],
+            "top_logits": [TOP_LOGIT], "bottom_logits": [BOTTOM_LOGIT],
         }))
     child = {"feature": DECOMP, "cosine": 0.5, "coactivation": 0.25, "appears_at": 8}
     (pages / "decomposition.json").write_text(json.dumps({"levels": [4, 8], "features": {
@@ -310,6 +311,7 @@ def test_hostile_files_render_as_text(hostile_page):
     # an empty one), as a link to the viewer could hold them.
     _open(page, srv, "supernodes=" + quote(json.dumps([[SUPERNODE, A, B]])))
 
+    assert PROMPT in page.eval_on_selector("select.graph-prompt-select", "s => s.textContent")
     tooltips = _hover_every_node(page)
     for token in PROMPT_TOKENS[1:3]:  # embedding nodes: `Emb: “<token>"`
         assert any(token in t for t in tooltips), (token, tooltips)
@@ -323,7 +325,7 @@ def test_hostile_files_render_as_text(hostile_page):
     assert CLERP in header and "L0/1" in header
     assert page.eval_on_selector(".feature-detail .feature-title a", "a => a.getAttribute('href')") == VIS_LINK
     examples = page.inner_text(".feature-examples-container")
-    for text in (EXAMPLE, EXAMPLE_SCRIPT, QUANTILE, TOP_LOGIT):
+    for text in (EXAMPLE, EXAMPLE_SCRIPT, QUANTILE, TOP_LOGIT, BOTTOM_LOGIT):
         assert text in examples, text
     # The Matryoshka decomposition panel for the same latent.
     page.wait_for_selector(".mv-children tr.mv-link")
