@@ -91,6 +91,7 @@ pip_q "$PY" install --no-deps --no-build-isolation --force-reinstall \
 "$PY" - <<'PY'
 import importlib.metadata as md
 from circuit_tracer.transcoder.activation_functions import PrefixTruncation  # patched in
+from circuit_tracer.frontend.local_server import allowed_hosts  # patched in (0006)
 from sparsify import SparseCoderConfig
 assert "matryoshka" in SparseCoderConfig.__dataclass_fields__, "stock sparsify installed"
 print("patched:", "eai-sparsify", md.version("eai-sparsify"), "| circuit-tracer", md.version("circuit-tracer"))

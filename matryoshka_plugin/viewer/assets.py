@@ -3,9 +3,9 @@
 circuit-tracer's ``index.html`` loads its JavaScript libraries from two CDNs. ``vendor``
 fetches the same libraries as npm registry packages (``npm pack``, checked against pinned
 integrity hashes) into a cache directory, never into the repository. ``build_frontend``
-copies circuit-tracer's installed frontend into a cache directory, adds the vendored
-libraries and the plugin's own scripts, and rewrites ``index.html`` so that every script
-URL is local.
+copies circuit-tracer's installed frontend into a cache directory, makes it write text
+from graph and feature files as text (``text_only``), adds the vendored libraries and the
+plugin's own scripts, and rewrites ``index.html`` so that every script URL is local.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from ..core.errors import AssetError
 
+from ..core.errors import AssetError
+from . import text_only
 
 
 @dataclass(frozen=True)
@@ -221,10 +222,11 @@ def rewrite_index(html: str) -> str:
 
 
 def build_frontend(root: Path | None = None, auto_vendor: bool = True) -> Path:
-    """A served asset dir: circuit-tracer's frontend + vendored libraries + plugin files.
+    """A served asset dir: circuit-tracer's frontend (text-only fixes applied) + vendored
+    libraries + plugin files.
 
-    Rebuilt whenever the upstream frontend or the plugin's static files change (the dir
-    name is a hash of both); returns the directory.
+    Rebuilt whenever the upstream frontend, the plugin's static files or the code that
+    builds it change (the dir name is a hash of them all); returns the directory.
     """
     root = root or cache_dir()
     if vendored_missing(root):
@@ -238,13 +240,15 @@ def build_frontend(root: Path | None = None, auto_vendor: bool = True) -> Path:
             if p.is_file() and "__pycache__" not in p.parts:
                 h.update(str(p.relative_to(base)).encode())
                 h.update(p.read_bytes())
-    h.update(Path(__file__).read_bytes())
+    for module in (__file__, text_only.__file__):
+        h.update(Path(module).read_bytes())
     out = root / f"frontend-{h.hexdigest()[:16]}"
     if (out / "index.html").is_file():
         return out
     tmp = Path(tempfile.mkdtemp(prefix=".frontend.", dir=root))
     try:
         shutil.copytree(upstream, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        text_only.apply_fixes(tmp)
         shutil.copytree(vendor_dir(root), tmp / "vendor")
         shutil.copytree(_static_dir(), tmp / "matryoshka")
         index = tmp / "index.html"

@@ -1,10 +1,18 @@
 """``serve_graphs``: circuit-tracer's local server, serving the plugin's asset directory.
 
 It reuses upstream's handler (``/data/`` and ``/graph_data/`` from the graph directory,
-``/save_graph/``), adding three things: each graph's ``scan`` is pointed at the plugin's
-feature pages (``data.local_scan``), so the page never asks a CDN or the Hugging Face
-hub for them; a feature page or decomposition that was never built answers with an empty
-but valid JSON (the panel says so) instead of a 404; and paths cannot leave the graph dir.
+``/save_graph/``), adding: each graph's ``scan`` is pointed at the plugin's feature pages
+(``data.local_scan``), so the page never asks a CDN or the Hugging Face hub for them; a
+feature page or decomposition that was never built answers with an empty but valid JSON
+(the panel says so) instead of a 404; paths cannot leave the graph dir.
+
+And two refusals upstream's handler lacks, because any web page the user visits can send
+requests to a server on localhost. A request whose ``Host`` header is not this server's
+address is refused (403) before anything is read: otherwise a site whose name the attacker
+re-points at 127.0.0.1 (DNS rebinding) reads the graphs as same-origin. A ``POST`` (the
+only write: ``/save_graph/<slug>`` rewrites a graph file) is refused (403) unless its
+``Origin``, or without one its ``Referer``, is this server's own: a form on another site
+could otherwise rewrite the graph files, and what they hold is then shown in the viewer.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from circuit_tracer.frontend.local_server import CircuitGraphHandler, ReusableTCPServer, Server
 
@@ -20,9 +30,54 @@ from .assets import build_frontend
 from .data import VIEWER_DIR, local_scan
 
 DEFAULT_PORT = 8032
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+# Addresses that listen on loopback (among others) but that no browser puts in a Host header.
+_LOOPBACK_OR_ANY = (*LOOPBACK, "::1", "", "0.0.0.0", "::")
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The ``Host`` headers of requests to a server listening on ``host``:``port``.
+
+    The loopback names, plus ``host`` itself when it is another address or name; each with
+    the port, and also bare on port 80 (where browsers leave the port out). Lower case.
+    """
+    names = set(LOOPBACK)
+    if host not in _LOOPBACK_OR_ANY:
+        names.add(f"[{host}]" if ":" in host else host)
+    names = {n.lower() for n in names}
+    with_port = {f"{n}:{port}" for n in names}
+    return frozenset(with_port | names if port == 80 else with_port)
 
 
 class MatryoshkaGraphHandler(CircuitGraphHandler):
+    """Upstream's handler with the plugin's routes and refusals.
+
+    Its server carries ``allowed_hosts`` (set by ``serve_graphs`` once the port is bound).
+    """
+
+    def parse_request(self) -> bool:
+        # Every method passes here once its headers are read, before any handler runs.
+        if not super().parse_request():
+            return False
+        if (self.headers.get("Host") or "").lower() not in self.server.allowed_hosts:
+            self.send_error(HTTPStatus.FORBIDDEN, "Host header does not name this server")
+            return False
+        return True
+
+    def do_POST(self):
+        if not self._from_own_origin():
+            self.send_error(HTTPStatus.FORBIDDEN, "write from another origin refused")
+            return
+        super().do_POST()
+
+    def _from_own_origin(self) -> bool:
+        # Browsers send Origin with every POST; Referer is the fallback for one that does not.
+        origin = self.headers.get("Origin")
+        if origin is None:
+            referer = urlsplit(self.headers.get("Referer") or "")
+            origin = f"{referer.scheme}://{referer.netloc}"
+        return origin.lower() in {f"http://{h}" for h in self.server.allowed_hosts}
+
     def _send_json(self, obj, status: int = 200) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
@@ -82,7 +137,9 @@ def serve_graphs(graph_dir, port: int = DEFAULT_PORT, *, frontend_dir=None, host
 
     ``frontend_dir`` defaults to the built plugin asset directory (``assets.build_frontend``,
     which vendors the JavaScript libraries on first use). ``port=0`` picks a free port;
-    the bound one is ``server.port``. Returns upstream's ``Server`` (``.stop()``).
+    the bound one is ``server.port``. Only requests addressed to ``host`` (or, for a
+    loopback ``host``, to any loopback name) with that port are answered
+    (``allowed_hosts``). Returns upstream's ``Server`` (``.stop()``).
     """
     graph_dir = Path(graph_dir)
     if not graph_dir.is_dir():
@@ -90,6 +147,7 @@ def serve_graphs(graph_dir, port: int = DEFAULT_PORT, *, frontend_dir=None, host
     frontend = Path(frontend_dir) if frontend_dir else build_frontend()
     handler = functools.partial(MatryoshkaGraphHandler, frontend_dir=frontend, data_dir=str(graph_dir.resolve()))
     httpd = ReusableTCPServer((host, port), handler)
+    httpd.allowed_hosts = allowed_hosts(host, httpd.server_address[1])
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     server = Server(httpd, thread)

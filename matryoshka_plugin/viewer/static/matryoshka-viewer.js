@@ -1,6 +1,7 @@
 // Matryoshka additions to circuit-tracer's graph viewer: a prefix-length selector and a
 // coarse-to-fine decomposition panel. Loaded after circuit-tracer's scripts and before
 // its inline script defines window.init, so it wraps init and initCg without editing them.
+// Every text from a graph, decomposition or feature file goes in with .text(), never .html().
 (function () {
   var MV = window.matryoshkaViewer = {graphs: [], renders: 0, lastRendered: null, decomp: {}, notice: ''}
 
@@ -169,7 +170,8 @@
       box.append('div').attr('class', 'mv-box-title').text(title)
       if (!links.length) return box.append('div').attr('class', 'mv-hint').text(empty)
       var t = box.append('table')
-      t.append('tr').html('<th>latent</th><th>cosine</th><th>co-activation</th><th>appears at</th>')
+      t.append('tr').selectAll('th').data(['latent', 'cosine', 'co-activation', 'appears at'])
+        .enter().append('th').text(d => d)
       var rows = t.selectAll('tr.mv-link').data(links).enter().append('tr').attr('class', 'mv-link')
         .attr('data-feature', d => d.feature)
         .on('click', (ev, d) => moveTo(id.layer, d.feature, d.appears_at, id.pos))
