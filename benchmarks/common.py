@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from matryoshka_plugin.asset_cache import cache_dir
 from matryoshka_plugin.atomic import atomic_write, atomic_write_text
-from matryoshka_plugin.offline import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository root: defaults are relative to it, never to one machine's layout."""

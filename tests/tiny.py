@@ -134,12 +134,13 @@ def save_tiny_model(root: Path, arch: str) -> Path:
     return save_model(root / f"tiny-{arch}", model, tokenizer)
 
 
-def build_tiny_llama(root: Path, seed: int = 0) -> Path:
-    """The circuit-tracer setting's Llama (``D_MODEL``, ``N_LAYERS``) over ``WORDS``."""
+def build_tiny_llama(root: Path, seed: int = 0, *, d_model: int = D_MODEL, n_layers: int = N_LAYERS) -> Path:
+    """The circuit-tracer setting's Llama over ``WORDS`` (``D_MODEL`` wide, ``N_LAYERS`` deep
+    unless ``d_model`` / ``n_layers`` say otherwise)."""
     # circuit-tracer prepends the first non-zero special id as BOS: keep pad at 0.
     tokenizer = word_tokenizer(["<pad>", "<bos>", "<eos>", *WORDS], bos="<bos>", eos="<eos>", pad="<pad>", unk="<pad>")
     cfg = tiny_config(
-        "llama", len(tokenizer), d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, max_positions=64,
+        "llama", len(tokenizer), d_model=d_model, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_positions=64,
         eos_token_id=2, rope_theta=5000.0, tie_word_embeddings=False,
     )
     model = random_model(cfg, seed)

@@ -51,7 +51,7 @@ def child(method: str, width: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from matryoshka_plugin.core.global_graph import CoactivationStats, era_edges
+    from matryoshka_plugin.core.edge_scores import CoactivationStats, era_edges
 
     g = torch.Generator().manual_seed(0)
     dec = torch.randn(width, D_MODEL, generator=g)

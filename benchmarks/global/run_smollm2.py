@@ -60,7 +60,7 @@ def main() -> None:
         checkpoint=args.checkpoint,
     )
     if not args.skip_global:
-        from matryoshka_plugin.global_graph import main as global_main
+        from matryoshka_plugin.cli.global_graph import main as global_main
 
         start = time.perf_counter()
         rc = global_main([
@@ -72,8 +72,8 @@ def main() -> None:
             sys.exit(rc)
         meta["global_seconds"] = time.perf_counter() - start
 
-    from matryoshka_plugin.adapters.circuit_tracer import load_local_replacement_model
-    from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
     from matryoshka_plugin.causal import plot_fidelity, prefix_causal_report, summarise_fidelity
 
     start = time.perf_counter()

@@ -54,7 +54,8 @@ from benchmarks.common import (
 from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import load_coder
-from matryoshka_plugin.clt import ActivationCache, CLTError
+from matryoshka_plugin.clt import ActivationCache
+from matryoshka_plugin.core.errors import CLTError
 from matryoshka_plugin.evaluation import (
     prefix_curve,
     reorder_by_mean_squared_activation,
@@ -130,7 +131,8 @@ def check_adapter(coder: SaeLensJumpReLU, x_ref: Tensor, ref: dict, prefix: int)
 
 
 def held_out_lm_tokens(n_seqs: int, ctx_len: int) -> Tensor:
-    from matryoshka_plugin.offline import SMOLLM2, austen_dataset, load_tokenizer
+    from matryoshka_plugin.corpus import austen_dataset
+    from matryoshka_plugin.offline import SMOLLM2, load_tokenizer
 
     ds = austen_dataset(load_tokenizer(SMOLLM2), ctx_len=ctx_len, split="test").shuffle(seed=0)
     return ds.with_format("torch")["input_ids"][:n_seqs].long()

@@ -47,7 +47,8 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from matryoshka_plugin.offline import SMOLLM2, austen_texts
+    from matryoshka_plugin.corpus import austen_texts
+    from matryoshka_plugin.offline import SMOLLM2
     from matryoshka_plugin.viewer import build_viewer_data, serve_graphs
     from matryoshka_plugin.viewer.__main__ import load_model
 
