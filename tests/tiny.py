@@ -6,7 +6,8 @@
   (``random_model``), saved as a local HF folder with their tokenizer (``save_model``).
 - The circuit-tracer setting: a tiny Llama with a word-level vocabulary
   (``build_tiny_llama``), tiny random sparsify transcoders saved as a sparsify run
-  directory (``build_sparsify_run``), a tiny random circuit-tracer
+  directory (``build_sparsify_run``), both with the run exported as a circuit-tracer
+  transcoder set (``build_exported_transcoders``), a tiny random circuit-tracer
   ``CrossLayerTranscoder`` (``build_tiny_clt``), and intervention checks of graph edges
   (the idea of circuit-tracer's test-suite ``verify_*`` helpers: perturb one source
   node with everything else frozen and compare the change of every target with the
@@ -176,6 +177,17 @@ def build_sparsify_run(
                 coder.W_skip.mul_(0.2)
         coder.save_to_disk(root / f"layers.{layer}.mlp")
     return root
+
+
+def build_exported_transcoders(root: Path) -> tuple[Path, Path]:
+    """``(llama, tc)`` under ``root``: the tiny Llama, and a ``build_sparsify_run`` (in
+    ``root/run``) exported by ``matryoshka-export`` as a circuit-tracer transcoder set."""
+    from matryoshka_plugin.cli.export import main as export_main
+
+    llama = build_tiny_llama(root / "llama")
+    build_sparsify_run(root / "run")
+    export_main([str(root / "run"), str(root / "tc")])
+    return llama, root / "tc"
 
 
 def build_tiny_clt(jumprelu: bool, seed: int = 0):
