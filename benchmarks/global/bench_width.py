@@ -21,16 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    command_line,
-    machine_description,
-    pyplot,
-    save_figure,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import REPO, provenance, pyplot, save_figure, write_json, write_markdown
 
 HERE = Path(__file__).parent
 D_MODEL, N_TOKENS, K, CHUNK = 64, 4096, 16, 1024
@@ -102,9 +93,7 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         d_model=D_MODEL, n_tokens=N_TOKENS, k=K,
     )
     write_json(dict(meta=meta, rows=rows), res / "width.json")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_description, utc_timestamp, write_json, write_markdown
+from benchmarks.common import provenance, write_json, write_markdown
 from tests import tiny as fx
 
 HERE = Path(__file__).parent
@@ -91,9 +91,7 @@ def main() -> None:
         rows_out = prefix_causal_report(model, prompts, nested, factors=(0.0, 2.0), n_features=args.n_features)
     seconds = time.perf_counter() - start
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         setup=f"random Llama d_model={args.d_model}, {args.layers} layers, word-level vocab of {len(fx.WORDS)}; "
         f"Matryoshka TopK transcoders width {args.width}, k={args.k}, nested {nested}, trained on {args.tokens} tokens",
         transcoder_fvu=fvu,

@@ -23,14 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    command_line,
-    machine_description,
-    scratch_dir,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import provenance, scratch_dir, write_json, write_markdown
 
 HERE = Path(__file__).parent
 PROMPTS = ["The capital of France is", "Mr. Darcy looked at Elizabeth and"]
@@ -54,9 +47,7 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         checkpoint=args.checkpoint,
     )
     if not args.skip_global:

