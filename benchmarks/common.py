@@ -1,7 +1,8 @@
 """What every benchmark script shares: where it runs, where it writes, how it records.
 
 - ``machine_description``, ``utc_timestamp`` and ``command_line``: the provenance each
-  result file records (what ran, when, on what), so a number can be traced and redone.
+  result file records (what ran, when, on what), so a number can be traced and redone;
+  ``provenance`` is the three as one record's ``command`` / ``date`` / ``machine``.
 - ``scratch_dir``: where heavy intermediate files (caches, checkpoints, exports) go,
   under the plugin's own cache directory rather than a path of one machine.
 - ``write_json``, ``write_markdown`` and ``save_figure``: results written atomically, so
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from matryoshka_plugin.asset_cache import cache_dir
 from matryoshka_plugin.atomic import atomic_write, atomic_write_text
-from matryoshka_plugin.offline import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository root: defaults are relative to it, never to one machine's layout."""
@@ -60,6 +61,11 @@ def command_line(module: str, argv: Sequence[str] | None = None) -> str:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python", "-m", module, *args])
+
+
+def provenance(module: str, argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``{"command", "date", "machine"}`` of this run, for the top of a result record."""
+    return {"command": command_line(module, argv), "date": utc_timestamp(), "machine": machine_description()}
 
 
 def scratch_dir(name: str) -> Path:

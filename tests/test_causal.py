@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from matryoshka_plugin.adapters.circuit_tracer import export_transcoder_set, load_local_replacement_model
+from matryoshka_plugin.adapters.circuit_tracer import load_local_replacement_model
 from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
 from matryoshka_plugin.core.errors import CausalError
 from matryoshka_plugin.causal import (
@@ -16,15 +16,13 @@ from matryoshka_plugin.causal import (
     top_features,
 )
 
-from tiny import N_LAYERS, NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
+from tiny import N_LAYERS, NESTED, PROMPT, WIDTH, build_exported_transcoders
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("causal")
-    llama = build_tiny_llama(root / "llama")
-    run = build_sparsify_run(root / "run")
-    tc, _ = load_transcoders_dir(export_transcoder_set(run, root / "tc"))
+    llama, tc_dir = build_exported_transcoders(tmp_path_factory.mktemp("causal"))
+    tc, _ = load_transcoders_dir(tc_dir)
     return load_local_replacement_model(llama, tc)
 
 

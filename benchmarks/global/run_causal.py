@@ -25,31 +25,23 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_description, utc_timestamp, write_json, write_markdown
-from tests import test_circuit_tracer_fixtures as fx
+from benchmarks.common import provenance, write_json, write_markdown
+from tests import tiny as fx
 
 HERE = Path(__file__).parent
 
 
 def mlp_io(model, tokens: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from matryoshka_plugin.clt import mlp_modules
+    """Every MLP's ``(inputs, outputs)`` on ``tokens`` as ``[rows, d_model]``, BOS dropped."""
+    from matryoshka_plugin.hooks import capture_mlps, mlp_modules
 
-    mlps = mlp_modules(model)
-    got = {l: ([], []) for l in mlps}
-    def record(l):
-        # Returns None: a forward hook's return value would replace the MLP output.
-        def hook(mod, args, out):
-            got[l][0].append(args[0][:, 1:].reshape(-1, args[0].shape[-1]))
-            got[l][1].append(out[:, 1:].reshape(-1, out.shape[-1]))
-
-        return hook
-
-    handles = [m.register_forward_hook(record(l)) for l, (_, m) in mlps.items()]
-    with torch.no_grad():
+    layers = sorted(mlp_modules(model))
+    got = {l: ([], []) for l in layers}
+    with torch.no_grad(), capture_mlps(model, layers) as run:
         for b in tokens.split(64):
-            model(input_ids=b)
-    for h in handles:
-        h.remove()
+            for l, act in run(b).items():
+                got[l][0].append(act.input[:, 1:].flatten(0, 1))
+                got[l][1].append(act.output[:, 1:].flatten(0, 1))
     return {l: (torch.cat(i), torch.cat(o)) for l, (i, o) in got.items()}
 
 
@@ -66,18 +58,18 @@ def main() -> None:
     from tqdm import tqdm
 
     from matryoshka_plugin import MatryoshkaSparseCoderConfig
-    from matryoshka_plugin.adapters.circuit_tracer import export_transcoder_set, load_local_replacement_model
-    from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
+    from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set
     from matryoshka_plugin.causal import plot_fidelity, prefix_causal_report, summarise_fidelity
     from matryoshka_plugin.fit import fit_activations
     from matryoshka_plugin.offline import load_pretrained
 
-    fx.D_MODEL, fx.N_LAYERS = args.d_model, args.layers
     nested = [args.width // 8, args.width // 4, args.width // 2, args.width]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        llama = fx.build_tiny_llama(tmp / "llama")
+        llama = fx.build_tiny_llama(tmp / "llama", d_model=args.d_model, n_layers=args.layers)
         hf = load_pretrained(str(llama))
         rng = random.Random(0)
         seq = 32
@@ -99,9 +91,7 @@ def main() -> None:
         rows_out = prefix_causal_report(model, prompts, nested, factors=(0.0, 2.0), n_features=args.n_features)
     seconds = time.perf_counter() - start
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         setup=f"random Llama d_model={args.d_model}, {args.layers} layers, word-level vocab of {len(fx.WORDS)}; "
         f"Matryoshka TopK transcoders width {args.width}, k={args.k}, nested {nested}, trained on {args.tokens} tokens",
         transcoder_fvu=fvu,

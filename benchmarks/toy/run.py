@@ -41,16 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from benchmarks.common import (
-    SAELENS_PYTHON,
-    command_line,
-    machine_description,
-    pyplot,
-    save_figure,
-    utc_timestamp,
-    write_json,
-    write_markdown,
-)
+from benchmarks.common import SAELENS_PYTHON, provenance, pyplot, save_figure, write_json, write_markdown
 from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.evaluation import prefix_curve, reorder_by_mean_squared_activation
@@ -236,19 +227,14 @@ def run(args, merge_into: dict | None = None) -> dict:
         summary[name]["rsa_vs_prefix"] = {
             str(p): summarise([c[i]["rsa"] for c in curves[name]]) for i, p in enumerate(prefix_lens)
         }
-    provenance = {
-        "date": utc_timestamp(),
-        "machine": machine_description(),
-        "command": command_line(__spec__.name),
-        "seconds": round(time.time() - started, 1),
-    }
+    this_run = {**provenance(__spec__.name), "seconds": round(time.time() - started, 1)}
     result = {
-        **provenance,
+        **this_run,
         "settings": settings,
         "anchor": anchor(summary),
         "summary": summary,
         "per_seed": per_seed,
-        "runs": [{**provenance, "baselines": names}],
+        "runs": [{**this_run, "baselines": names}],
     }
     if saelens_meta is not None:
         result["saelens"] = saelens_meta

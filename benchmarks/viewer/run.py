@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import command_line, machine_description, scratch_dir, utc_timestamp, write_json
+from benchmarks.common import provenance, scratch_dir, write_json
 
 HERE = Path(__file__).resolve().parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,7 +47,8 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from matryoshka_plugin.offline import SMOLLM2, austen_texts
+    from matryoshka_plugin.corpus import austen_texts
+    from matryoshka_plugin.offline import SMOLLM2
     from matryoshka_plugin.viewer import build_viewer_data, serve_graphs
     from matryoshka_plugin.viewer.__main__ import load_model
 
@@ -125,9 +126,7 @@ def main() -> int:
     finally:
         server.stop()
     record = {
-        "command": command_line(__spec__.name),
-        "date": utc_timestamp(),
-        "machine": machine_description(),
+        **provenance(__spec__.name),
         "graphs": {g["prefix_len"]: g["slug"] for g in graphs},
         "rendered_nodes_per_prefix": counts,
         "graphs_dir": args.graphs,
