@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError, safe_open
 from sparsify.__main__ import RunConfig
+from sparsify.data import chunk_and_tokenize
 
 from ...core import MatryoshkaConfigError
 from ...core.errors import CheckpointError, UsageError
@@ -128,6 +129,23 @@ def check_weights_fit(saes: dict, directory: str | Path, what: str) -> None:
                 f"{what}: {weights} does not fit the coder {name!r}: (file, expected) shapes "
                 f"{diff}{f', extra tensors {extra}' if extra else ''}"
             )
+
+
+def chunk_and_tokenize_checked(dataset, tokenizer, *, source: str, **kwargs):
+    """sparsify's ``chunk_and_tokenize``, a text too short for one sequence as one line.
+
+    Upstream raises a bare ValueError from inside ``datasets.map`` for an empty text or
+    one shorter than ``max_seq_len`` tokens.
+    """
+    try:
+        return chunk_and_tokenize(dataset, tokenizer, **kwargs)
+    except ValueError as e:
+        if "Not enough data" not in str(e):
+            raise
+        raise UsageError(
+            f"dataset {source} is too short: it does not fill one sequence of "
+            f"{kwargs.get('max_seq_len')} tokens (--ctx_len)"
+        ) from None
 
 
 def check_memmap_file(path: str | Path, ctx_len: int) -> None:

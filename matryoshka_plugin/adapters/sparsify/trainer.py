@@ -7,6 +7,7 @@ mends two resume quirks of upstream (a replayed batch, the ScheduleFree point, k
 """
 
 import pickle
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,7 @@ class MatryoshkaTrainer(Trainer):
         try:
             # Upstream reads every file with weights_only=True: no code runs.
             super().load_state(path)
-        except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError,
-                pickle.UnpicklingError, SafetensorError) as e:
+        except (*_CORRUPT_FILE_ERRORS, KeyError, TypeError, SafetensorError) as e:
             if isinstance(e, MatryoshkaError):
                 raise
             raise CheckpointError(
@@ -167,7 +167,14 @@ class MatryoshkaTrainer(Trainer):
         return super().get_current_k()
 
 
+# What torch.load raises on a damaged file: a bad zip (RuntimeError), a short read
+# (EOFError, struct.error), a pickle that weights_only refuses (UnpicklingError).
+_CORRUPT_FILE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error)
+
+
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, pickle.UnpicklingError):  # torch's message spans lines, with ANSI codes
+        return "it holds objects other than tensors and plain data, which could run code; refused"
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -179,10 +186,8 @@ def load_matryoshka_state(file: Path, names: list[str]) -> dict:
     """
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{file} is not a plain-tensor checkpoint (refused to load it: {_first_line(e)})"
-        ) from None
+    except _CORRUPT_FILE_ERRORS as e:
+        raise CheckpointError(f"{file} is not a plugin checkpoint file: {_first_line(e)}") from None
     if not isinstance(state, dict) or any(n not in state for n in names):
         held = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{file} holds {held}; it needs an entry for each coder {names}")
