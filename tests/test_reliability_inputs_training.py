@@ -24,19 +24,9 @@ from matryoshka_plugin.adapters.sparsify import (
     MatryoshkaTrainConfig,
     load_coder,
 )
-from matryoshka_plugin.adapters.sparsify.run_config import (
-    check_memmap_file,
-    read_config_file,
-)
+from matryoshka_plugin.adapters.sparsify.run_config import read_config_file
 from matryoshka_plugin.adapters.sparsify.trainer import MATRYOSHKA_STATE_FILE
-from matryoshka_plugin.atomic import (
-    atomic_dir,
-    atomic_write_text,
-    check_writable_dir,
-    commit_dir,
-    run_lock,
-    staging_dir,
-)
+from matryoshka_plugin.atomic import atomic_dir, atomic_write_text, commit_dir, staging_dir
 from matryoshka_plugin.core.errors import CheckpointError, MatryoshkaConfigError, UsageError
 from matryoshka_plugin.fit import fit_activations
 
@@ -205,6 +195,8 @@ def test_sparsify_matryoshka_bad_input_is_one_line(argv, names, train_work, caps
 
 
 def test_memmap_check_names_the_file(tmp_path):
+    from matryoshka_plugin.adapters.sparsify.run_config import check_memmap_file
+
     with pytest.raises(UsageError, match="missing.bin"):
         check_memmap_file(tmp_path / "missing.bin", 32)
     (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
@@ -273,7 +265,9 @@ def test_eval_report_json_is_valid_with_undefined_metrics(tmp_path):
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10, 10**13) | st.floats(allow_nan=True) | st.text(max_size=4),
+    # Small integers often: 0 and negatives are where sizes and counts go wrong.
+    st.none() | st.booleans() | st.integers(-2, 2) | st.integers(-10, 10**13) | st.floats(allow_nan=True)
+    | st.text(max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=5,
 )
@@ -299,6 +293,8 @@ def test_fuzzed_cfg_json_loads_or_fails_with_a_checkpoint_error(data, tmp_path_f
     assert coder.num_latents == 32 and coder.d_in == 16
 
 
+# Edge values first: a field is far more often wrong at 0, -1, NaN or Inf than anywhere else.
+_edges = st.sampled_from([0, -1, 1, 2, float("nan"), float("inf"), -0.5, 1e-3, "ce", "kl", "fvu"])
 _train_fields = st.sampled_from([
     "batch_size", "grad_acc_steps", "micro_acc_steps", "save_every", "ctx_len", "max_examples",
     "lr", "auxk_alpha", "layers", "layer_stride", "loss_fn", "init_seeds", "k_decay_steps",
@@ -307,9 +303,10 @@ _train_fields = st.sampled_from([
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(top=st.dictionaries(_train_fields, _json, max_size=4),
+@given(top=st.dictionaries(_train_fields, _edges | _json, max_size=4),
        sae=st.dictionaries(st.sampled_from(["k", "num_latents", "expansion_factor", "activation",
-                                            "matryoshka", "nested_sizes"]), _json, max_size=3),
+                                            "matryoshka", "nested_sizes"]),
+                           st.booleans() | _edges | _json, max_size=3),
        as_yaml=st.booleans())
 def test_fuzzed_run_config_files_load_or_fail_with_one_line(top, sae, as_yaml, tmp_path):
     import yaml
@@ -355,6 +352,8 @@ def test_fit_activations_checks_its_save_dir_before_training(tmp_path, monkeypat
 
 
 def test_a_second_run_on_the_same_directory_is_refused_at_once(tmp_path):
+    from matryoshka_plugin.atomic import run_lock
+
     with run_lock(tmp_path / "fit"):
         with pytest.raises(UsageError, match=f"PID {os.getpid()}"):
             fit_activations(_acts(), MATRYOSHKA, batch_size=64, seq_len=16, save_dir=tmp_path)
@@ -364,6 +363,8 @@ def test_a_second_run_on_the_same_directory_is_refused_at_once(tmp_path):
 
 
 def test_run_lock_is_exclusive_between_threads_of_open_files(tmp_path):
+    from matryoshka_plugin.atomic import run_lock
+
     errors = []
 
     def second():
@@ -416,6 +417,8 @@ def test_written_files_and_directories_follow_the_umask(umask, tmp_path):
 
 
 def test_check_writable_dir(tmp_path):
+    from matryoshka_plugin.atomic import check_writable_dir
+
     check_writable_dir(tmp_path / "new" / "deeper")
     assert list(tmp_path.iterdir()) == []  # probed, nothing created
     (tmp_path / "f").write_text("x")
