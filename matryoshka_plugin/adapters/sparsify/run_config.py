@@ -83,7 +83,7 @@ def check_model_targets(cfg, model) -> None:
     Upstream skips a pattern that matches nothing without a word (and trains nothing if
     none match) and fails with a bare KeyError on a layer past the last one.
     """
-    n_layers = model.config.num_hidden_layers
+    n_layers = model.config.num_hidden_layers if cfg.layers else 0  # hookpoint-only models may lack a config
     if beyond := [i for i in cfg.layers if i >= n_layers]:
         raise MatryoshkaConfigError(
             f"layers={cfg.layers}: {beyond} do not exist; the model has layers 0 to {n_layers - 1}"
