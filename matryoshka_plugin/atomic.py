@@ -17,6 +17,7 @@ directory or the new one, never a mix:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import sys
@@ -129,16 +130,43 @@ def remove_stale(target: Path | str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path | str, mode: int) -> None:
+    """Give ``path`` the mode an ordinary ``mkdir``/``open`` would (mkdtemp/mkstemp use 0700/0600)."""
+    os.chmod(path, mode & ~_umask())
+
+
 def staging_dir(target: Path | str) -> Path:
     """A fresh empty temporary sibling of ``target`` (its parent is created)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    _follow_umask(tmp, 0o777)
+    return tmp
+
+
+def check_replaceable(target: Path | str, error=UsageError) -> None:
+    """Refuse a ``target`` that a directory swap would silently replace: a symlink or a file."""
+    target = Path(target)
+    if target.is_symlink():
+        raise error(
+            f"output {target} is a symbolic link (to {os.readlink(target)}); it would be "
+            "replaced by a directory: give the link's destination or a new path"
+        )
+    if os.path.lexists(target) and not target.is_dir():
+        raise error(f"output {target} is a file, not a directory; remove it or choose a new path")
 
 
 def commit_dir(tmp: Path | str, target: Path | str) -> None:
     """Replace ``target`` by the complete directory ``tmp`` (see the module docstring)."""
     tmp, target = Path(tmp), Path(target)
+    check_replaceable(target)
     fsync_tree(tmp)
     if not os.path.lexists(target):
         os.rename(tmp, target)
@@ -195,9 +223,10 @@ def atomic_dir(target: Path | str, *, overwrite: bool = True, error=UsageError) 
     parent that cannot be created (say, a regular file) is reported, both as ``error``.
     """
     target = Path(target).absolute()
-    if not overwrite and target.exists():
+    if not overwrite and os.path.lexists(target):
         what = "directory" if target.is_dir() else "file"
         raise error(f"output {target} already exists ({what}); choose a new path or pass overwrite")
+    check_replaceable(target, error)
     try:
         tmp = staging_dir(target)
     except OSError as e:
@@ -221,6 +250,7 @@ def atomic_write(path: Path | str, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
+        _follow_umask(tmp, 0o666)
         write(tmp)
         _fsync_path(Path(tmp))
         os.replace(tmp, path)
@@ -236,3 +266,60 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable_dir(path: Path | str) -> None:
+    """Refuse, before a long run, an output directory that the first save could not write.
+
+    Creates and removes a probe file in ``path`` or its nearest existing ancestor (what
+    ``mkdir -p`` would write into), so a read-only or full disk, or a file standing in
+    the way, shows at once rather than after the whole run.
+    """
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UsageError(
+            f"output directory {path} cannot be created: {existing} is a file, not a directory"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)  # a full disk may only refuse the data, not the name
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"output directory {path} is not writable: {e.strerror} ({existing})") from None
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` for the span of the block, or refuse at once.
+
+    Two runs writing one run directory would delete each other's staging directories.
+    The lock is ``flock`` on ``.NAME.lock`` beside ``run_dir`` (inside it, it would be
+    swapped away with each checkpoint); the kernel drops it when the holder dies, so a
+    crashed run never leaves a stale lock. The file keeps the holder's PID for the message.
+    """
+    run_dir = Path(run_dir).absolute()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.with_name(f".{run_dir.name}{LOCK_SUFFIX}")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(
+                f"run directory {run_dir} is in use by another run (PID {holder}); wait for "
+                "it to end or choose another run name / save directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the flock

@@ -6,6 +6,7 @@ activation rows and passes them through a single hookpoint. Everything else (los
 AuxK, dead latents, optimisers, checkpoints, resume) is sparsify's own.
 """
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from .adapters.sparsify import (
     MatryoshkaTrainConfig,
     MatryoshkaTrainer,
 )
-from .atomic import recover_dir
+from .atomic import check_writable_dir, recover_dir, run_lock
 from .core.errors import UsageError
 
 HOOKPOINT = "site"
@@ -107,6 +108,14 @@ def fit_activations(
         raise UsageError(
             f"targets shape {tuple(y.shape)} does not match inputs shape {tuple(x.shape)}"
         )
+    for name, t in (("inputs", x), ("targets", y)):
+        # One NaN or Inf row makes every weight NaN within a few steps, silently.
+        if t is not None and not (finite := torch.isfinite(t).all(dim=1)).all():
+            bad_rows = (~finite).nonzero().flatten()
+            raise UsageError(
+                f"{name} hold NaN or Inf values in {len(bad_rows)} rows (first: row "
+                f"{int(bad_rows[0])}); allowed: finite values only"
+            )
     if cfg.transcode != (y is not None):
         raise UsageError(
             f"transcode={cfg.transcode} needs targets {'given' if cfg.transcode else 'omitted'}"
@@ -131,13 +140,17 @@ def fit_activations(
         run_name=run_name,
         **train_kwargs,
     )
+    run_dir = Path(train_cfg.save_dir) / run_name
+    if save_dir is not None:
+        check_writable_dir(run_dir)  # now, not at the first save after the whole run
     model = ActivationReplay(x.to(device), None if y is None else y.to(device))
     trainer = MatryoshkaTrainer(train_cfg, dataset, model)
-    run_dir = Path(train_cfg.save_dir) / run_name
-    # A crash mid checkpoint swap leaves the run under a sibling name until recovered.
-    if resume and (recover_dir(run_dir) / "state.pt").exists():
-        trainer.load_state(str(run_dir))
     if save_dir is None:
         trainer.save = lambda: None  # no checkpoint was asked for
-    trainer.fit()
+    # The lock keeps a second run on the same directory from deleting this one's staging.
+    with run_lock(run_dir) if save_dir is not None else nullcontext():
+        # A crash mid checkpoint swap leaves the run under a sibling name until recovered.
+        if resume and (recover_dir(run_dir) / "state.pt").exists():
+            trainer.load_state(str(run_dir))
+        trainer.fit()
     return trainer.saes[HOOKPOINT].eval()

@@ -4,6 +4,7 @@ Width-independent checks run in ``__post_init__`` (so a config fails when it is
 loaded); checks that need the dictionary width run in ``resolve_nested_sizes``.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 from .errors import MatryoshkaConfigError
@@ -87,7 +88,8 @@ class MatryoshkaConfig:
                 "contradict each other; give one of them"
             )
         fracs = list(self.group_fractions)
-        if any(f <= 0 for f in fracs) or (fracs and abs(sum(fracs) - 1) > 1e-6):
+        # `not f > 0` (rather than f <= 0) also refuses NaN, which passes every comparison.
+        if any(not f > 0 for f in fracs) or (fracs and not abs(sum(fracs) - 1) <= 1e-6):
             raise bad(
                 f"group_fractions={fracs} must be positive and sum to 1 "
                 "(each is one group's share of the width)"
@@ -104,12 +106,12 @@ class MatryoshkaConfig:
             raise bad(f"min_prefix={self.min_prefix} must be at least 1")
         if not self.pareto_shape > 0:
             raise bad(f"pareto_shape={self.pareto_shape} must be > 0")
-        if any(w < 0 for w in self.level_weights) or (
-            self.level_weights and sum(self.level_weights) <= 0
+        if any(not 0 <= w < math.inf for w in self.level_weights) or (
+            self.level_weights and not sum(self.level_weights) > 0
         ):
             raise bad(
-                f"level_weights={self.level_weights} must be non-negative "
-                "with a positive sum"
+                f"level_weights={self.level_weights} must be finite, non-negative "
+                "and with a positive sum"
             )
         if sampled and self.level_weights:
             raise bad(

@@ -96,7 +96,15 @@ def evaluate_checkpoint(
 
     coder_dir = resolve_coder_dir(checkpoint, hookpoint)
     coder = load_coder(coder_dir, device=device)
+    if broken := [n for n, t in coder.state_dict().items() if not torch.isfinite(t).all()]:
+        raise UsageError(
+            f"coder {coder_dir} has NaN or Inf weights in {', '.join(broken)}; its training "
+            "diverged, so no metric of it is meaningful"
+        )
     x, y = load_activations(data, max_rows)
+    for name, t in (("inputs", x), ("targets", y)):
+        if t is not None and not torch.isfinite(t).all():
+            raise UsageError(f"--data {data}: {name} hold NaN or Inf values; allowed: finite values only")
     x = x.to(device)
     y = None if y is None else y.to(device)
     if not coder.cfg.transcode:

@@ -1,6 +1,7 @@
 """One coder's report: every activation-level metric as one JSON-ready dict, and its plot."""
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,7 +93,19 @@ def plot_report(result: dict, path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def json_ready(value):
+    """``value`` with every NaN or infinite float as None: JSON has no NaN (``json`` writes a bare one)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def save_report(result: dict, json_path: str | Path, plot_path: str | Path, title: str = "") -> None:
-    """The report as indented JSON and as a plot, each written atomically."""
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    """The report as indented JSON (an undefined metric as null) and as a plot, each written atomically."""
+    text = json.dumps(json_ready(result), indent=2, allow_nan=False)
+    atomic_write_text(json_path, text + "\n")
     plot_report(result, plot_path, title=title)

@@ -35,9 +35,34 @@ THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
 
 
+ACTIVATIONS = ("groupmax", "topk")
+"""sparsify's coder activations (``SparseCoderConfig.activation``)."""
+
+
+def check_coder_fields(cfg: SparseCoderConfig) -> None:
+    """Refuse sparsify coder fields that would only fail (or train nothing) later.
+
+    sparsify checks none of them: ``k=0`` trains a coder that never fires, a negative
+    width fails deep inside ``torch.empty``.
+    """
+    bad = MatryoshkaConfigError
+    if cfg.activation not in ACTIVATIONS:
+        raise bad(f"activation={cfg.activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
+    for name, low in (("k", 1), ("num_latents", 0), ("expansion_factor", 1)):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise bad(f"{name}={value!r} is not allowed; expected an integer >= {low}")
+    if cfg.num_latents and cfg.k > cfg.num_latents:
+        raise bad(f"k={cfg.k} exceeds the width num_latents={cfg.num_latents}")
+
+
 @dataclass
 class MatryoshkaSparseCoderConfig(MatryoshkaConfig, SparseCoderConfig):
     """sparsify's ``SparseCoderConfig`` with the Matryoshka options added."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_coder_fields(self)
 
 
 def _group_size_check(cfg: SparseCoderConfig, sizes: list[int], width: int) -> None:

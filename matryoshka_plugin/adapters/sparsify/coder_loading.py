@@ -10,8 +10,15 @@ from safetensors.torch import load_model
 from sparsify import SparseCoder, SparseCoderConfig
 
 from ...atomic import recover_path
-from ...core.errors import CheckpointError
-from .coder import THRESHOLD_KEY, MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
+from ...core.errors import CheckpointError, MatryoshkaConfigError
+from ...core.field_types import config_problems
+from .coder import (
+    THRESHOLD_KEY,
+    MatryoshkaSparseCoder,
+    MatryoshkaSparseCoderConfig,
+    check_coder_fields,
+    coder_class,
+)
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 """safetensors dtypes a coder's weights may have; ``load_model`` would cast others silently."""
@@ -24,10 +31,41 @@ def read_coder_config(path: Path | str) -> tuple[dict, int]:
         raise CheckpointError(f"{cfg_path} not found; a coder directory holds cfg.json and sae.safetensors")
     try:
         cfg_dict = json.loads(cfg_path.read_text())
-        d_in = int(cfg_dict.pop("d_in"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not a valid sparsify cfg.json ({e})") from None
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(
+            f"{cfg_path} holds {type(cfg_dict).__name__} {cfg_dict!r:.40}; a sparsify "
+            "cfg.json is a mapping of coder fields"
+        )
+    d_in = cfg_dict.pop("d_in", None)
+    if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
+        raise CheckpointError(f"{cfg_path}: d_in={d_in!r} is not allowed; expected an integer >= 1")
     return cfg_dict, d_in
+
+
+def _coder_config(cfg_path: Path, cfg_dict: dict, coder_cls: type[SparseCoder]):
+    """The coder config of ``cfg_dict``, every field checked; errors name ``cfg_path``."""
+    cfg_cls = SparseCoderConfig if coder_cls is SparseCoder else MatryoshkaSparseCoderConfig
+    if problems := config_problems(cfg_cls, cfg_dict, known_only=True):
+        raise CheckpointError(f"{cfg_path}: {'; '.join(problems)}")
+    try:
+        cfg = cfg_cls.from_dict(cfg_dict, drop_extra_fields=True)
+        check_coder_fields(cfg)
+    except MatryoshkaConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    return cfg
+
+
+def _weight_shapes(weights: Path) -> dict[str, tuple[list[int], str]]:
+    """Each tensor's shape and dtype, from the safetensors header alone (nothing loaded)."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None
 
 
 def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCoder:
@@ -39,22 +77,31 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
     path = recover_path(path)  # a crash mid checkpoint swap leaves it under a sibling name
     cfg_dict, d_in = read_coder_config(path)
     threshold = cfg_dict.pop(THRESHOLD_KEY, None)
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
+        raise CheckpointError(f"{path / 'cfg.json'}: {THRESHOLD_KEY}={threshold!r} is not a number")
     coder_cls = coder_class(SimpleNamespace(**cfg_dict))
-    cfg_cls = SparseCoderConfig if coder_cls is SparseCoder else MatryoshkaSparseCoderConfig
-    cfg = cfg_cls.from_dict(cfg_dict, drop_extra_fields=True)
+    cfg = _coder_config(path / "cfg.json", cfg_dict, coder_cls)
     weights = path / "sae.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found")
-    coder = coder_cls(d_in, cfg, device=device)
+    shapes = _weight_shapes(weights)
+    # load_model casts silently; integer or boolean weights mean a wrong file.
+    if bad := {k: t for k, (_, t) in shapes.items() if t not in FLOAT_DTYPES}:
+        raise CheckpointError(
+            f"{weights} holds non-floating tensors {bad}; allowed dtypes: {', '.join(FLOAT_DTYPES)}"
+        )
+    # Checked before the coder is built: a cfg.json asking for a huge width would
+    # otherwise allocate it (and could take all memory) before the mismatch shows.
+    width = cfg.num_latents or d_in * cfg.expansion_factor
+    encoder = shapes.get("encoder.weight", (None, None))[0]
+    if encoder != [width, d_in]:
+        raise CheckpointError(
+            f"{weights} does not match {path / 'cfg.json'}: encoder.weight has shape "
+            f"{encoder}, cfg.json asks for [{width}, {d_in}] (num_latents x d_in)"
+        )
     try:
-        # load_model casts silently; integer or boolean weights mean a wrong file.
-        with safe_open(str(weights), "pt") as f:
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-        if bad := {k: t for k, t in dtypes.items() if t not in FLOAT_DTYPES}:
-            raise CheckpointError(
-                f"{weights} holds non-floating tensors {bad}; allowed dtypes: "
-                f"{', '.join(FLOAT_DTYPES)}"
-            )
+        coder = coder_cls(d_in, cfg, device=device)
+    except MatryoshkaConfigError as e:  # width-dependent checks (nested sizes, k)
+        raise CheckpointError(f"{path / 'cfg.json'}: {e}") from None
+    try:
         load_model(coder, str(weights), device=str(device), strict=True)
     except SafetensorError as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({e})") from None

@@ -6,6 +6,8 @@ it in, saves and restores the coders' prefix sampler and BatchTopK threshold, an
 mends two resume quirks of upstream (a replayed batch, the ScheduleFree point, k decay).
 """
 
+import pickle
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,20 @@ from unittest.mock import patch
 import sparsify.trainer
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, TrainConfig, Trainer
 
 from ...atomic import atomic_dir, link_missing, recover_dir, remove_stale
+from ...core.errors import CheckpointError, MatryoshkaError
 from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
+from .run_config import (
+    check_dataset_length,
+    check_model_targets,
+    check_train_config,
+    check_weights_fit,
+    checked_post_init,
+)
 
 MATRYOSHKA_STATE_FILE = "matryoshka_state.pt"
 """Checkpoint file beside sparsify's ``state.pt``: each coder's sampler and threshold."""
@@ -29,6 +40,10 @@ class MatryoshkaTrainConfig(TrainConfig):
     """sparsify's ``TrainConfig`` whose ``sae`` section accepts the Matryoshka options."""
 
     sae: MatryoshkaSparseCoderConfig = field(default_factory=MatryoshkaSparseCoderConfig)
+
+    def __post_init__(self):
+        checked_post_init(super().__post_init__)
+        check_train_config(self)
 
 
 @contextmanager
@@ -42,8 +57,12 @@ class MatryoshkaTrainer(Trainer):
     """sparsify's ``Trainer``; builds plugin coders when ``cfg.sae`` asks for them."""
 
     def __init__(self, cfg: TrainConfig, dataset, model):
+        check_model_targets(cfg, model)
+        check_dataset_length(cfg, dataset)
         with building_coders(coder_class(cfg.sae)):
             super().__init__(cfg, dataset, model)
+        if cfg.finetune and not getattr(cfg, "resume", False):  # upstream loads these next
+            check_weights_fit(self.saes, cfg.finetune, f"finetune {cfg.finetune}")
         # sparsify saves mid-step, after the optimiser step and before `global_step`
         # counts it, so its state.pt is one batch behind and a resume replays a batch.
         # Remember at which global_step the optimiser last stepped to tell the cases apart.
@@ -94,7 +113,17 @@ class MatryoshkaTrainer(Trainer):
         # A crash between the renames of a checkpoint swap leaves the complete
         # checkpoint under a sibling name; put it back first.
         recover_dir(path)
-        super().load_state(path)
+        self._check_resume_files(path)
+        try:
+            # Upstream reads every file with weights_only=True: no code runs.
+            super().load_state(path)
+        except (*_CORRUPT_FILE_ERRORS, KeyError, TypeError, SafetensorError) as e:
+            if isinstance(e, MatryoshkaError):
+                raise
+            raise CheckpointError(
+                f"cannot resume from {path}: a checkpoint file is corrupt or does not fit "
+                f"this run ({_first_line(e)})"
+            ) from None
         for opt in self.optimizers:
             if isinstance(opt, ScheduleFreeWrapper):
                 # The saved weights are the averaged (eval) point x. sparsify loads
@@ -111,12 +140,55 @@ class MatryoshkaTrainer(Trainer):
             self.global_step += 1
         state_file = Path(path) / MATRYOSHKA_STATE_FILE
         if (coders := self._matryoshka_coders()) and state_file.exists():
-            state = torch.load(state_file, weights_only=False)
+            state = load_matryoshka_state(state_file, list(coders))
             for name, coder in coders.items():
-                coder.load_matryoshka_state(state[name])
+                try:
+                    coder.load_matryoshka_state(state[name])
+                except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(
+                        f"{state_file}: the state of {name!r} does not fit ({_first_line(e)})"
+                    ) from None
+
+    def _check_resume_files(self, path: str) -> None:
+        """Name the first missing checkpoint file; check the weights' shapes from headers."""
+        run = Path(path)
+        needed = ["state.pt"]
+        needed += [f"lr_scheduler_{i}.pt" for i in range(len(self.lr_schedulers))]
+        needed += [f"optimizer_{i}.pt" for i in range(len(self.optimizers))]
+        for name in needed:
+            if not (run / name).is_file():
+                raise CheckpointError(f"cannot resume: {run / name} not found")
+        check_weights_fit(self.saes, run, "resume")
 
     def get_current_k(self) -> int:
         if (k := self._resume_k) is not None:  # once, for fit()'s first call after resume
             self._resume_k = None
             return k
         return super().get_current_k()
+
+
+# What torch.load raises on a damaged file: a bad zip (RuntimeError), a short read
+# (EOFError, struct.error), a pickle that weights_only refuses (UnpicklingError).
+_CORRUPT_FILE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, pickle.UnpicklingError):  # torch's message spans lines, with ANSI codes
+        return "it holds objects other than tensors and plain data, which could run code; refused"
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def load_matryoshka_state(file: Path, names: list[str]) -> dict:
+    """``matryoshka_state.pt``: tensors and plain data only, an entry per coder in ``names``.
+
+    ``weights_only=True``: a crafted pickle in a checkpoint must not run code on resume.
+    """
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except _CORRUPT_FILE_ERRORS as e:
+        raise CheckpointError(f"{file} is not a plugin checkpoint file: {_first_line(e)}") from None
+    if not isinstance(state, dict) or any(n not in state for n in names):
+        held = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file} holds {held}; it needs an entry for each coder {names}")
+    return state
