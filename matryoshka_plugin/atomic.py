@@ -236,3 +236,24 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable_dir(path: Path | str) -> None:
+    """Raise ``UsageError`` now if directory ``path`` cannot be created and written in.
+
+    Run before long work whose results go there: a regular file in the way or a
+    read-only filesystem is found at once, not at the first save. A probe file in the
+    nearest existing ancestor is created and removed; nothing is left behind.
+    """
+    path = Path(path).absolute()
+    ancestor = path
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write to {path}: {ancestor} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TMP_SUFFIX, dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to {path}: {ancestor} is not writable ({e.strerror})") from None
