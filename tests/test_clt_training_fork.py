@@ -396,3 +396,25 @@ def test_fit_trains_with_the_nested_loss(fork, model_and_data, tmp_path):
     assert all(torch.isfinite(torch.tensor(last)))
     assert sum(last) < sum(first)
     assert (tmp_path / "unnamed" / fork.SAMPLER_STATE_FILE).is_file()
+
+
+@needs_fork
+@needs_kernels
+def test_resume_refuses_a_sampler_file_that_would_run_code(fork, model_and_data, tmp_path):
+    from test_correctness_clt import RunsCode
+
+    from matryoshka_plugin.core.errors import CheckpointError
+
+    kw = dict(cross_layer=N_LAYERS, coalesce_topk="concat", matryoshka=True, prefix_schedule="pareto")
+    tr = make_trainer(fork, model_and_data, **kw)
+    _, _, xs, ys = model_and_data
+    # One optimiser step first: the fork cannot reload a state that never stepped.
+    sum(o.fvu for o in run_targets(fork.MatryoshkaCLTRunner(tr.prefixes), tr, xs, ys)).backward()
+    tr.optimizers[0].step()
+    tr.cfg.save_dir = str(tmp_path)
+    tr.save()
+    marker = tmp_path / "MARKER"
+    torch.save({M: RunsCode(marker)}, tmp_path / "unnamed" / fork.SAMPLER_STATE_FILE)
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain data"):
+        make_trainer(fork, model_and_data, **kw).load_state(str(tmp_path / "unnamed"))
+    assert not marker.exists()

@@ -56,7 +56,8 @@ from ..core import (
     level_decodes,
     nested_fvu,
 )
-from ..core.errors import CLTTrainingNotInstalledError
+from ..core.errors import CheckpointError, CLTTrainingNotInstalledError
+from ..core.plain_state import load_plain_state
 from ..core.prefixes import level_weights, with_bias_level
 from .installed_sparsify import detect_clt_training
 
@@ -324,4 +325,8 @@ class MatryoshkaCLTTrainer(sparsify.trainer.Trainer):
         super().load_state(path)
         state_file = Path(path) / SAMPLER_STATE_FILE
         if self.prefixes is not None and state_file.exists():
-            self.prefixes.load_state_dict(torch.load(state_file, weights_only=False))
+            state = load_plain_state(state_file)
+            try:
+                self.prefixes.load_state_dict(state)
+            except (AttributeError, KeyError, TypeError, RuntimeError, MatryoshkaConfigError) as e:
+                raise CheckpointError(f"{state_file} is not a prefix-sampler state ({e})") from None

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
+from ..atomic import check_writable_dir
 from ..core.errors import UsageError
 from ..core.prefixes import check_prefix_len
 from .runner import run
@@ -99,6 +100,13 @@ def run_attribution(args, parser) -> None:
         parser.error("Both --slug and --graph_file_dir are required when using --server")
     if not create_files and not args.graph_output_path:
         parser.error("--graph_output_path is required when not creating graph files (--slug and --graph_file_dir)")
+    # Outputs are checked before any loading or attribution: a bad path costs no work.
+    if args.graph_output_path:
+        check_writable_dir(Path(args.graph_output_path).absolute().parent)
+        if Path(args.graph_output_path).is_dir():
+            raise UsageError(f"--graph_output_path {args.graph_output_path} is a directory; give a .pt file path")
+    if create_files:
+        check_writable_dir(args.graph_file_dir)
     dtype = getattr(torch, DTYPES.get(args.dtype, args.dtype))
 
     transcoders, config = load_transcoders(args.transcoder_set, dtype, args.lazy_encoder, args.lazy_decoder)

@@ -205,14 +205,17 @@ class MatryoshkaCLT(nn.Module):
         if not self.cfg.batch_topk:
             return fused_encoder(x, W, b, self.cfg.k, "topk")
         pre_acts = encode_pre_acts(x, W, b)
+        # The returned pre_acts carry no gradient, as from sparsify's fused encoder (whose
+        # backward drops theirs): AuxK, which ranks dead latents by them, then trains
+        # only the decoder, with TopK and BatchTopK alike.
         if not self.training:
             threshold = self.batch_topk_threshold[s].clamp_min(0)
-            return EncoderOutput(*threshold_select(pre_acts, threshold), pre_acts)
+            return EncoderOutput(*threshold_select(pre_acts, threshold), pre_acts.detach())
         values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
         with torch.no_grad():
             m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold[s]
             t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
-        return EncoderOutput(values, indices, pre_acts)
+        return EncoderOutput(values, indices, pre_acts.detach())
 
     def encode(self, x: Tensor) -> list[EncoderOutput]:
         """Every source layer's active latents for inputs ``[N, L, d]``."""
@@ -321,6 +324,7 @@ class MatryoshkaCLT(nn.Module):
         ``SparseCoder.forward`` (no function to call), and the plugin's sparsify coder
         runs that forward. A CLT source decodes into several targets, so this is the
         same formula with the source's targets' residuals, each over its own variance.
+        It trains only the decoders: the encoders' pre-activations carry no gradient.
         """
         auxk = residual.new_zeros(())
         if dead_mask is None:

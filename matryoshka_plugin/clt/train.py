@@ -18,7 +18,9 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import check_writable_dir
 from ..core.errors import CLTError
+from ..core.plain_state import load_plain_state
 from .cache import ActivationCache
 from .model import CLTConfig, MatryoshkaCLT, load_clt, save_clt
 
@@ -130,6 +132,36 @@ def _plot(history: list[dict], prefix_fvu: dict, layers: list[int], path: Path) 
     plt.close(fig)
 
 
+def resume_from(ckpt: Path, clt: MatryoshkaCLT, opt, sched) -> tuple[torch.Tensor, list, int]:
+    """Load ``ckpt`` (weights and ``state.pt``) into ``clt``, ``opt`` and ``sched``.
+
+    Returns ``(since_fired, history, step)``. ``state.pt`` is read as plain data only
+    (``core.plain_state``); a missing, corrupt or mismatched file is one ``CLTError``.
+    """
+    loaded = load_clt(ckpt, device=clt.device)
+    if (loaded.cfg, loaded.layers, loaded.d_model) != (clt.cfg, clt.layers, clt.d_model):
+        raise CLTError(
+            f"{ckpt} holds a CLT over layers {loaded.layers} (d_model {loaded.d_model}, "
+            f"{loaded.cfg}); this run asks for layers {clt.layers} (d_model {clt.d_model}, "
+            f"{clt.cfg}): resume with the same CLT config, or use a new --save_dir"
+        )
+    path = ckpt / STATE_FILE
+    state = load_plain_state(path, CLTError, map_location=clt.device)
+    try:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        clt.sampler.load_state_dict(state["sampler"])
+        since_fired = state["since_fired"].to(clt.device, torch.long)
+        history, step = list(state["history"]), int(state["step"])
+        if since_fired.shape != (clt.n_layers, clt.num_latents) or len(history) != step:
+            raise ValueError(f"since_fired {tuple(since_fired.shape)}, {len(history)} history rows for step {step}")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLTError(f"{path} is not a training state of this CLT (bad {msg})") from None
+    clt.load_state_dict(loaded.state_dict())
+    return since_fired, history, step
+
+
 def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaCLT:
     """Train a CLT from ``cfg.cache``; writes ``save_dir/clt`` and ``save_dir/metrics.json``.
 
@@ -137,6 +169,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     """
     from sparsify.sign_sgd import SignSGD
 
+    check_writable_dir(cfg.save_dir)
     cache = ActivationCache(cfg.cache)
     layers = cache.check_layers(cfg.layers or cache.layers)
     x_all, y_all = cache.load(layers, dtype=None)
@@ -176,15 +209,8 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
 
     run_dir = Path(cfg.save_dir)
     ckpt = run_dir / "checkpoint"
-    if cfg.resume and (ckpt / STATE_FILE).is_file():
-        loaded = load_clt(ckpt, device=device)
-        clt.load_state_dict(loaded.state_dict())
-        state = torch.load(ckpt / STATE_FILE, weights_only=False, map_location=device)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        clt.sampler.load_state_dict(state["sampler"])
-        since_fired = state["since_fired"].to(device)
-        history, step = state["history"], state["step"]
+    if cfg.resume and ckpt.exists():
+        since_fired, history, step = resume_from(ckpt, clt, opt, sched)
 
     def write_checkpoint():
         state = {

@@ -19,6 +19,13 @@ For a CLT, each source layer's MLP input is encoded with ``encode_layer`` in the
 single pass, and the decoder of a layer pair is the CLT's effective decoder
 (``core.edge_scores.clt_effective_decoders``): the sum of the source's decoder slots that
 write before the target layer's MLP. The console script is ``cli.global_graph``.
+
+The per-token ``1/rms`` of the target's pre-MLP norm is left out of every score (only
+its constant gain is folded in): on token ``t`` source feature ``i`` moves target ``j``'s
+pre-activation by ``V_ij * a_i / rms_t``, not ``V_ij * a_i``. ERA and TWERA scale ``V`` by
+activation statistics and so share this: edges into layers whose residual stream is
+large (usually the later ones) are overstated next to edges into early layers, and
+scores of different target layers are comparable only up to that layer's typical rms.
 """
 
 from .coders import CLTSourceEncoder, clt_checkpoint_dir, find_clt, find_transcoders

@@ -23,8 +23,25 @@ from ...core.prefixes import check_prefix_len
 from .prefix_transcoders import prefix_truncation, transcoder_width
 
 
+def check_prompt(prompt, model) -> None:
+    """Raise a one-line error for a prompt with no tokens, or one longer than the model's
+    context (``cfg.n_ctx``, with the special token circuit-tracer prepends)."""
+    if isinstance(prompt, str):
+        ids = model.tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) == 0:
+            raise UsageError(f"prompt {prompt!r} has no tokens; give a non-empty prompt")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    n_tokens = len(model.ensure_tokenized(prompt))
+    if n_ctx is not None and n_tokens > n_ctx:
+        raise UsageError(
+            f"the prompt is {n_tokens} tokens (with the prepended special token); the model "
+            f"takes at most n_ctx={n_ctx}: shorten it"
+        )
+
+
 def attribute(prompt, model, *, prefix_len: int | None = None, **kwargs) -> Graph:
     """circuit-tracer's ``attribute`` with the model's latents truncated to ``prefix_len``."""
+    check_prompt(prompt, model)
     with prefix_truncation(model, prefix_len):
         return ct_attribute(prompt, model, **kwargs)
 
@@ -98,6 +115,7 @@ def attribute_prefixes(
     prefix_lens = [p if p is None else check_prefix_len(p, width) for p in prefix_lens]
     if len(set(prefix_lens)) != len(prefix_lens):
         raise UsageError(f"prefix lengths {prefix_lens} repeat a value; give each once")
+    check_prompt(prompt, model)
     results = []
     reuse = reusing_setup_forward(model) if hasattr(model, "run_with_hooks") else nullcontext()
     with reuse:

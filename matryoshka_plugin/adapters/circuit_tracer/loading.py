@@ -40,6 +40,23 @@ def _check_safetensors(path: Path, keys: Sequence[str]) -> None:
         raise CheckpointError(f"{path} lacks tensors {missing}")
 
 
+def _numbered_files(root: Path, prefix: str) -> dict[int, Path]:
+    """``{i: root/prefix{i}.safetensors}`` for i = 0..N-1; a stray, non-canonical
+    (``layer_01``) or missing number is refused, since circuit-tracer reads ``prefix{i}``."""
+    files: dict[int, Path] = {}
+    for p in sorted(root.glob(f"{prefix}*.safetensors")):
+        number = p.name[len(prefix) : -len(".safetensors")]
+        if not number.isdigit() or str(int(number)) != number:
+            raise CheckpointError(
+                f"{p} is not a layer file name; allowed: {prefix}0.safetensors, {prefix}1.safetensors, ... "
+                "(no leading zeros); move it out of the transcoder directory"
+            )
+        files[int(number)] = p
+    if sorted(files) != list(range(len(files))):
+        raise CheckpointError(f"{root} must hold {prefix}0.safetensors .. {prefix}N.safetensors; found {sorted(files)}")
+    return files
+
+
 def load_transcoders_dir(
     transcoder_dir: Path | str,
     device: torch.device | str | None = "cpu",
@@ -74,17 +91,17 @@ def load_transcoders_dir(
         lazy_decoder=lazy_decoder,
     )
     if kind == "transcoder_set":
-        files = {int(p.stem.split("_")[1]): p for p in root.glob("layer_*.safetensors")}
-        if not files or sorted(files) != list(range(len(files))):
-            raise CheckpointError(f"{root} must hold layer_0.safetensors .. layer_N.safetensors; found {sorted(files)}")
+        files = _numbered_files(root, "layer_")
+        if not files:
+            raise CheckpointError(f"{root} must hold layer_0.safetensors .. layer_N.safetensors; found none")
         for p in files.values():
             _check_safetensors(p, ["W_enc", "W_dec", "b_enc", "b_dec"])
         transcoders: Transcoders = load_transcoder_set({i: str(p) for i, p in files.items()}, **common)
         widths = {t.d_transcoder for t in transcoders}
     else:
-        n = len(list(root.glob("W_enc_*.safetensors")))
-        if n == 0:
-            raise CheckpointError(f"{root} holds no W_enc_0.safetensors")
+        n = len(_numbered_files(root, "W_enc_"))
+        if n == 0 or len(_numbered_files(root, "W_dec_")) != n:
+            raise CheckpointError(f"{root} must hold W_enc_0 .. W_enc_N and W_dec_0 .. W_dec_N.safetensors (N >= 0)")
         for i in range(n):
             _check_safetensors(root / f"W_enc_{i}.safetensors", [f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"])
             _check_safetensors(root / f"W_dec_{i}.safetensors", [f"W_dec_{i}"])
@@ -94,6 +111,8 @@ def load_transcoders_dir(
         k = config.get("topk_k")
         if not isinstance(k, int) or k <= 0:
             raise CheckpointError(f"{cfg_path}: model_kind {config['model_kind']} needs a positive integer topk_k, got {k!r}")
+        if k > min(widths):
+            raise CheckpointError(f"{cfg_path}: topk_k={k} exceeds the transcoder width {min(widths)}; allowed: 1..{min(widths)}")
         if kind == "transcoder_set":
             for t in transcoders:
                 t.activation_function = TopKReLU(k)

@@ -131,6 +131,7 @@ def load_local_replacement_model(
     hf_model, model_dir = _load_hf(path, dtype)
     cfg = local_tl_config(model_dir, device=device, dtype=dtype)
     check_transcoders_fit(cfg, transcoders)
+    check_feature_hooks(cfg, transcoders)
     state_dict = convert_llama_weights(hf_model, cfg)
     model = ReplacementModel.from_config(cfg, transcoders, backend="transformerlens")
     load_tl_weights(model, state_dict)
@@ -161,6 +162,25 @@ def check_transcoders_fit(cfg, transcoders) -> None:
             f"transcoders have {n_layers} layers of width d_model={d_model}, the model "
             f"{cfg.n_layers} layers of d_model={cfg.d_model}; they must match"
         )
+
+
+def check_feature_hooks(cfg, transcoders) -> None:
+    """Raise a one-line error when the transcoders' feature hooks are not hook points of a
+    block of ``cfg``'s model, as circuit-tracer wraps it (``ReplacementMLP``); circuit-tracer
+    itself fails with an ``AttributeError`` deep inside ``from_config``."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import ReplacementMLP
+    from transformer_lens.components import TransformerBlock
+    from transformer_lens.hook_points import HookPoint
+
+    # One block on the meta device: its module tree without allocating its weights.
+    with torch.device("meta"):
+        block = TransformerBlock(cfg.__class__(**{**cfg.to_dict(), "device": "meta"}), 0)
+        block.mlp = ReplacementMLP(block.mlp)
+    allowed = sorted(name for name, m in block.named_modules() if isinstance(m, HookPoint))
+    for what in ("feature_input_hook", "feature_output_hook"):
+        hook = getattr(transcoders, what)
+        if hook not in allowed:
+            raise UsageError(f"{what} {hook!r} in the transcoder config is not a hook point of a block; allowed: {', '.join(allowed)}")
 
 
 def load_tl_weights(model, state_dict: dict) -> None:

@@ -22,6 +22,7 @@ from sparsify import SparseCoder, TrainConfig, Trainer
 
 from ...atomic import atomic_dir, link_missing, recover_dir, remove_stale
 from ...core.errors import CheckpointError, MatryoshkaError
+from ...core.plain_state import load_plain_state
 from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
 from .run_config import (
     check_dataset_length,
@@ -182,12 +183,9 @@ def _first_line(e: BaseException) -> str:
 def load_matryoshka_state(file: Path, names: list[str]) -> dict:
     """``matryoshka_state.pt``: tensors and plain data only, an entry per coder in ``names``.
 
-    ``weights_only=True``: a crafted pickle in a checkpoint must not run code on resume.
+    A crafted pickle in a checkpoint must not run code on resume (``core.plain_state``).
     """
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except _CORRUPT_FILE_ERRORS as e:
-        raise CheckpointError(f"{file} is not a plugin checkpoint file: {_first_line(e)}") from None
+    state = load_plain_state(file, CheckpointError, map_location="cpu")
     if not isinstance(state, dict) or any(n not in state for n in names):
         held = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{file} holds {held}; it needs an entry for each coder {names}")
