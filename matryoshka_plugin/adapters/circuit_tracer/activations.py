@@ -33,10 +33,13 @@ class TopKReLU(TopK):
 def calibrate_jumprelu_thresholds(coder, x: Tensor, chunk: int = 4096) -> Tensor:
     """Per-latent thresholds under which each latent fires as often as under TopK on ``x``.
 
-    For latent j firing on c_j of the n calibration tokens under TopK, the threshold is
-    its (c_j + 1)-th largest pre-activation, so ``pre > threshold`` selects exactly c_j
-    tokens of ``x``. Never-firing latents get their largest pre-activation (they stay
-    off on ``x``); thresholds are at least 0, so JumpReLU never passes negatives.
+    For latent j firing on c_j of the n calibration tokens under TopK, the threshold lies
+    midway between its c_j-th and (c_j + 1)-th largest pre-activations, so
+    ``pre > threshold`` selects exactly c_j tokens of ``x`` (barring ties). Midway, not
+    at the (c_j + 1)-th value itself: pre-activations recomputed in another batch shape
+    differ in the last bits, which would switch that token on. Never-firing latents get
+    their largest pre-activation (they stay off on ``x``); thresholds are at least 0, so
+    JumpReLU never passes negatives.
     """
     x = x.to(coder.dtype)
     n = x.shape[0]
@@ -51,9 +54,11 @@ def calibrate_jumprelu_thresholds(coder, x: Tensor, chunk: int = 4096) -> Tensor
         fired = top_idx[top_acts > 0]
         counts += torch.bincount(fired.flatten().cpu(), minlength=pre.shape[1])
     ranked = pre.sort(dim=0, descending=True).values
-    idx = counts.clamp(max=n - 1).to(ranked.device)
-    thresholds = ranked.gather(0, idx[None]).squeeze(0)
-    thresholds = torch.where(counts.to(ranked.device) >= n, torch.zeros_like(thresholds), thresholds)
+    counts = counts.to(ranked.device)
+    below = ranked.gather(0, counts.clamp(max=n - 1)[None]).squeeze(0)
+    above = ranked.gather(0, (counts - 1).clamp(min=0, max=n - 1)[None]).squeeze(0)
+    thresholds = torch.where(counts > 0, (above + below) / 2, below)
+    thresholds = torch.where(counts >= n, torch.zeros_like(thresholds), thresholds)
     return thresholds.clamp_min(0)
 
 

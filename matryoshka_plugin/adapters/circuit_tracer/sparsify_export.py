@@ -84,13 +84,16 @@ def batch_topk_threshold(coder) -> float | None:
     return float(coder.batch_topk_threshold.clamp_min(0))
 
 
-def check_coder_values(hookpoint: str, coder) -> None:
+def check_coder_values(hookpoint: str, coder_dir: Path, coder) -> None:
     """Refuse a coder whose ``k`` is not a positive integer or whose weights are not finite.
 
-    sparsify loads both without complaint; exported, they give NaN graphs or a TopK that
-    keeps nothing, far from the checkpoint that caused them.
+    sparsify loads both without complaint (and truncates a fractional ``k``); exported,
+    they give NaN graphs or a TopK that keeps nothing, far from the checkpoint that
+    caused them. ``k`` is read from ``cfg.json`` itself for that reason.
     """
-    k = coder.cfg.k
+    from ..sparsify.coder_loading import read_coder_config
+
+    k = read_coder_config(coder_dir)[0].get("k", coder.cfg.k)
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ExportError(f"{hookpoint}: cfg.json has k={k!r}; allowed: a positive integer")
     values = dict(coder.state_dict())
@@ -171,12 +174,13 @@ def export_transcoder_set(
 
     if activation not in ACTIVATIONS:
         raise ExportError(f"activation {activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
-    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in find_coder_dirs(checkpoint_dir).items()}
+    coder_dirs = find_coder_dirs(checkpoint_dir)
+    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in coder_dirs.items()}
     first = coders[0][1]
     width, d_in, k = first.num_latents, first.d_in, first.cfg.k
     sizes = coder_nested_sizes(first)
     for layer, (hp, coder) in coders.items():
-        check_coder_values(hp, coder)
+        check_coder_values(hp, coder_dirs[layer][1], coder)
         if (coder.num_latents, coder.d_in) != (width, d_in):
             raise ExportError(
                 f"{hp}: width {coder.num_latents}, d_in {coder.d_in} differ from layer 0's "
