@@ -6,6 +6,8 @@
   (``loading.load_transcoders_dir``) constructs it.
 - ``calibrate_jumprelu_thresholds``: per-latent JumpReLU thresholds that stock
   circuit-tracer loads with no plugin. It is an approximation of TopK.
+- ``jumprelu_agreement``: how far that approximation is from TopK on given rows (shared
+  active sets, Jaccard, L0 spread, FVU), which ``matryoshka-export`` prints and stores.
 """
 
 from __future__ import annotations
