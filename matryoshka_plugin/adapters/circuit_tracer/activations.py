@@ -40,8 +40,8 @@ def calibrate_jumprelu_thresholds(coder, x: Tensor, chunk: int = 4096) -> Tensor
     ``pre > threshold`` selects exactly c_j tokens of ``x`` (barring ties). Midway, not
     at the (c_j + 1)-th value itself: pre-activations recomputed in another batch shape
     differ in the last bits, which would switch that token on. Never-firing latents get
-    their largest pre-activation (they stay off on ``x``); thresholds are at least 0, so
-    JumpReLU never passes negatives.
+    just above their largest pre-activation (they stay off on ``x``); thresholds are at
+    least 0, so JumpReLU never passes negatives.
     """
     x = x.to(coder.dtype)
     n = x.shape[0]
@@ -59,7 +59,9 @@ def calibrate_jumprelu_thresholds(coder, x: Tensor, chunk: int = 4096) -> Tensor
     counts = counts.to(ranked.device)
     below = ranked.gather(0, counts.clamp(max=n - 1)[None]).squeeze(0)
     above = ranked.gather(0, (counts - 1).clamp(min=0, max=n - 1)[None]).squeeze(0)
-    thresholds = torch.where(counts > 0, (above + below) / 2, below)
+    # A latent TopK never picked has no value above its largest; a relative 1e-4 margin
+    # (float32 recomputation moves values by ~1e-7) keeps it off on every row of x.
+    thresholds = torch.where(counts > 0, (above + below) / 2, below * (1 + 1e-4))
     thresholds = torch.where(counts >= n, torch.zeros_like(thresholds), thresholds)
     return thresholds.clamp_min(0)
 
