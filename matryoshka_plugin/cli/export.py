@@ -38,23 +38,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="safetensors file of MLP inputs [n, d_model] per layer (keys: hookpoint names "
         "like layers.3.mlp, or layer numbers); needed for --activation jumprelu",
     )
+    parser.add_argument(
+        "--calibration-outputs",
+        help="safetensors file of the MLP outputs matching --calibration row for row (same keys); "
+        "adds the true FVU of TopK and of JumpReLU to the calibration report",
+    )
     parser.add_argument("--model-name", help="model name to record in config.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     return parser
 
 
+def calibration_lines(report: dict) -> list[str]:
+    """The JumpReLU calibration report as lines: one header, then one line per layer."""
+
+    def fvu(stats: dict, key: str) -> str:
+        return "n/a" if stats.get(key) is None else f"{stats[key]:.4f}"
+
+    lines = [
+        "JumpReLU vs TopK on the calibration tokens: same active set, mean Jaccard, "
+        "L0 mean/std [min, max] vs k, FVU TopK -> JumpReLU (vs the MLP outputs, if given), "
+        "FVU of JumpReLU against the TopK output"
+    ]
+    for layer, s in report["layers"].items():
+        true_fvu = f"{fvu(s, 'fvu_topk')} -> {fvu(s, 'fvu_jumprelu')}" if "fvu_topk" in s else "n/a (no outputs)"
+        lines.append(
+            f"  layer {layer} ({s['tokens']} tokens): {s['same_active_set']:.1%}, {s['mean_jaccard']:.3f}, "
+            f"L0 {s['l0_mean']:.2f}/{s['l0_std']:.2f} [{s['l0_min']}, {s['l0_max']}] vs k={s['k']}, "
+            f"FVU {true_fvu}, vs TopK {fvu(s, 'fvu_jumprelu_vs_topk')}"
+        )
+    if report["exact_layers"]:
+        lines.append(f"  layers {report['exact_layers']}: BatchTopK, exported with their exact threshold")
+    return lines
+
+
 def _export(args) -> None:
     from ..adapters.circuit_tracer.sparsify_export import export_transcoder_set, read_calibration
+    from ..adapters.circuit_tracer.transcoder_dir import CALIBRATION_FILE, read_calibration_report
 
     out = export_transcoder_set(
         args.checkpoint_dir,
         args.out_dir,
         activation=args.activation,
         calibration=read_calibration(args.calibration) if args.calibration else None,
+        calibration_outputs=read_calibration(args.calibration_outputs) if args.calibration_outputs else None,
         model_name=args.model_name,
         overwrite=args.overwrite,
     )
     print(f"wrote {out.absolute()}")
+    report = read_calibration_report(out)
+    if report is not None:
+        print("\n".join(calibration_lines(report)))
+        print(f"(also in {out.absolute() / CALIBRATION_FILE})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from ...atomic import atomic_dir
 from ...core.errors import ExportError, UsageError
 from ...hooks import hookpoint_layer
-from .transcoder_dir import ACTIVATIONS, write_config_yaml, write_nested_sizes
+from .transcoder_dir import ACTIVATIONS, write_calibration_report, write_config_yaml, write_nested_sizes
 
 
 # -- finding and converting sparsify coders ----------------------------------------------
@@ -84,6 +84,43 @@ def batch_topk_threshold(coder) -> float | None:
     return float(coder.batch_topk_threshold.clamp_min(0))
 
 
+def check_coder_values(hookpoint: str, coder_dir: Path, coder) -> None:
+    """Refuse a coder whose ``k`` is not a positive integer or whose weights are not finite.
+
+    sparsify loads both without complaint (and truncates a fractional ``k``); exported,
+    they give NaN graphs or a TopK that keeps nothing, far from the checkpoint that
+    caused them. ``k`` is read from ``cfg.json`` itself for that reason.
+    """
+    from ..sparsify.coder_loading import read_coder_config
+
+    k = read_coder_config(coder_dir)[0].get("k", coder.cfg.k)
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ExportError(f"{hookpoint}: cfg.json has k={k!r}; allowed: a positive integer")
+    values = dict(coder.state_dict())
+    if getattr(coder.cfg, "batch_topk", False):
+        values["batch_topk_threshold (cfg.json)"] = coder.batch_topk_threshold
+    for name, t in values.items():
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            where = [int(i) for i in bad.nonzero()[0]]
+            raise ExportError(
+                f"{hookpoint}: {name} holds {int(bad.sum())} NaN/Inf values (first {t[bad][0].item()} "
+                f"at {where}); allowed: finite weights"
+            )
+
+
+def _check_calibration(what: str, layer: int, t: Tensor, width: int, rows: int | None = None) -> None:
+    """One line naming the layer when calibration rows do not fit the coder."""
+    if t.shape[1] != width:
+        raise ExportError(f"{what} for layer {layer} has {t.shape[1]} columns; the coder needs {width}")
+    if rows is not None and t.shape[0] != rows:
+        raise ExportError(f"{what} for layer {layer} has {t.shape[0]} rows; the MLP inputs have {rows}")
+    if t.shape[0] == 0:
+        raise ExportError(f"{what} for layer {layer} has no rows")
+    if not torch.isfinite(t).all():
+        raise ExportError(f"{what} for layer {layer} holds NaN/Inf values; allowed: finite activations")
+
+
 def read_calibration(path: str | Path) -> dict[int, Tensor]:
     """``{layer: MLP inputs [n, d_model]}`` from a safetensors file for JumpReLU calibration.
 
@@ -113,6 +150,7 @@ def export_transcoder_set(
     activation: str = "topk",
     calibration: Mapping[int, Tensor] | None = None,
     *,
+    calibration_outputs: Mapping[int, Tensor] | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -120,19 +158,29 @@ def export_transcoder_set(
 
     ``activation="topk"`` keeps sparsify's exact TopK-after-ReLU (needs the plugin's
     loader); ``"jumprelu"`` writes per-latent thresholds calibrated on ``calibration``
-    (``{layer: MLP inputs [n, d_model]}``) that stock circuit-tracer loads. BatchTopK
-    coders are thresholded at inference, so both choices export their exact threshold.
+    (``{layer: MLP inputs [n, d_model]}``) that stock circuit-tracer loads, and records
+    how far that code is from TopK in ``jumprelu_calibration.json`` (with the true MLP
+    outputs ``calibration_outputs``, row for row, also both FVUs). BatchTopK coders are
+    thresholded at inference, so both choices export their exact threshold.
+
+    circuit-tracer 0.5.0 picks the activation per layer file (a threshold means JumpReLU),
+    so a set mixing BatchTopK and TopK layers exports as JumpReLU: exact thresholds for
+    the BatchTopK layers, calibrated ones for the TopK layers. The plugin's TopK kind puts
+    one ``TopKReLU(k)`` on every layer, so ``"topk"`` refuses such a set (and one whose
+    layers differ in ``k``).
     """
     from ..sparsify import load_coder
-    from .activations import calibrate_jumprelu_thresholds
+    from .activations import calibrate_jumprelu_thresholds, jumprelu_agreement
 
     if activation not in ACTIVATIONS:
         raise ExportError(f"activation {activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
-    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in find_coder_dirs(checkpoint_dir).items()}
+    coder_dirs = find_coder_dirs(checkpoint_dir)
+    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in coder_dirs.items()}
     first = coders[0][1]
     width, d_in, k = first.num_latents, first.d_in, first.cfg.k
     sizes = coder_nested_sizes(first)
     for layer, (hp, coder) in coders.items():
+        check_coder_values(hp, coder_dirs[layer][1], coder)
         if (coder.num_latents, coder.d_in) != (width, d_in):
             raise ExportError(
                 f"{hp}: width {coder.num_latents}, d_in {coder.d_in} differ from layer 0's "
@@ -142,25 +190,47 @@ def export_transcoder_set(
             raise ExportError(f"{hp}: nested sizes {coder_nested_sizes(coder)} differ from layer 0's {sizes}")
         if getattr(coder.cfg, "activation", "topk") != "topk":
             raise ExportError(f"{hp}: activation {coder.cfg.activation!r} cannot be exported; allowed: topk")
-    exact_threshold = any(batch_topk_threshold(c) is not None for _, c in coders.values())
-    if activation == "jumprelu" and not exact_threshold:
+    batch_layers = sorted(layer for layer, (_, c) in coders.items() if batch_topk_threshold(c) is not None)
+    topk_layers = sorted(set(coders) - set(batch_layers))
+    if activation == "topk" and batch_layers and topk_layers:
+        raise ExportError(
+            f"layers {batch_layers} are BatchTopK and layers {topk_layers} TopK: the exact topk "
+            "export gives every layer one TopK activation; use --activation jumprelu (BatchTopK "
+            "layers keep their exact threshold, TopK layers get calibrated ones)"
+        )
+    if activation == "topk" and len({coders[l][1].cfg.k for l in topk_layers}) > 1:
+        ks = {coders[l][0]: coders[l][1].cfg.k for l in topk_layers}
+        raise ExportError(f"the layers' k differ ({ks}): the exact topk export writes one k for all layers")
+    if calibration_outputs is not None and activation != "jumprelu":
+        raise ExportError(f"calibration outputs are used only by activation jumprelu, not {activation!r}")
+    calibrated = topk_layers if activation == "jumprelu" else []
+    if calibrated:
         if calibration is None:
             raise ExportError("--activation jumprelu needs calibration activations (MLP inputs per layer)")
-        missing = sorted(set(coders) - set(calibration))
+        missing = sorted(set(calibrated) - set(calibration))
         if missing:
             raise ExportError(f"calibration activations lack layers {missing}")
+        for layer in calibrated:
+            _check_calibration("calibration", layer, calibration[layer], d_in)
+            if calibration_outputs is not None:
+                if layer not in calibration_outputs:
+                    raise ExportError(f"calibration outputs lack layer {layer}")
+                rows, d_out = calibration[layer].shape[0], coders[layer][1].W_dec.shape[1]
+                _check_calibration("calibration outputs", layer, calibration_outputs[layer], d_out, rows)
 
-    written_activation = "jumprelu" if exact_threshold else activation
+    written_activation = "jumprelu" if batch_layers else activation
+    agreement = {}
     with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
         for layer, (hp, coder) in coders.items():
             tensors = coder_tensors(coder)
-            if exact_threshold:
+            if layer in batch_layers:
                 t = batch_topk_threshold(coder)
                 tensors["activation_function.threshold"] = torch.full((width,), t)
-            elif activation == "jumprelu":
-                tensors["activation_function.threshold"] = calibrate_jumprelu_thresholds(
-                    coder, calibration[layer]
-                ).float()
+            elif layer in calibrated:
+                thresholds = calibrate_jumprelu_thresholds(coder, calibration[layer]).float()
+                tensors["activation_function.threshold"] = thresholds
+                y = None if calibration_outputs is None else calibration_outputs[layer]
+                agreement[str(layer)] = jumprelu_agreement(coder, calibration[layer], thresholds, y)
             save_file(tensors, str(tmp / f"layer_{layer}.safetensors"))
         write_config_yaml(
             tmp,
@@ -179,4 +249,6 @@ def export_transcoder_set(
             source=str(Path(checkpoint_dir).absolute()),
             hookpoints={str(layer): hp for layer, (hp, _) in coders.items()},
         )
+        if agreement:
+            write_calibration_report(tmp, agreement, exact_layers=batch_layers)
     return Path(out_dir)

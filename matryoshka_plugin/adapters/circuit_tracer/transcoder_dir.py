@@ -21,6 +21,8 @@ from ...hooks import hookpoint_layer
 
 NESTED_SIZES_FILE = "matryoshka.json"
 CONFIG_FILE = "config.yaml"
+#: How far a calibrated JumpReLU export is from the TopK code it replaces, per layer.
+CALIBRATION_FILE = "jumprelu_calibration.json"
 
 # circuit-tracer's ``load_transcoders`` dispatches on ``model_kind`` and raises on an
 # unknown one. TopK exports get their own kind so that stock circuit-tracer refuses
@@ -117,3 +119,21 @@ def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
+
+def write_calibration_report(out_dir: Path | str, layers: dict[str, dict], exact_layers: list[int]) -> None:
+    """Record ``jumprelu_agreement`` per calibrated layer in ``jumprelu_calibration.json``.
+
+    ``exact_layers`` are BatchTopK layers, whose threshold is their own activation.
+    """
+    record = {
+        "note": "measured on the calibration tokens the thresholds were fitted to; "
+        "fvu_* are against the true MLP outputs when they were given",
+        "exact_layers": [int(l) for l in exact_layers],
+        "layers": layers,
+    }
+    (Path(out_dir) / CALIBRATION_FILE).write_text(json.dumps(record, indent=2))
+
+def read_calibration_report(transcoder_dir: Path | str) -> dict | None:
+    """The ``jumprelu_calibration.json`` record of an exported directory, or None if absent."""
+    path = Path(transcoder_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
