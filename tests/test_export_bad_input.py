@@ -71,9 +71,9 @@ def work(tmp_path, monkeypatch):
 JUMP = ["--activation", "jumprelu", "--calibration"]
 # (argv, text the error line must contain). Paths are relative to the fixture directory.
 CASES = [
-    (["k0", "out"], "layers.1.mlp: cfg.json has k=0"),
-    (["k_negative", "out"], "layers.1.mlp: cfg.json has k=-3"),
-    (["k_float", "out"], "layers.1.mlp: cfg.json has k=2.5"),
+    (["k0", "out"], "layers.1.mlp/cfg.json: k=0 is not allowed"),
+    (["k_negative", "out"], "layers.1.mlp/cfg.json: k=-3 is not allowed"),
+    (["k_float", "out"], "layers.1.mlp/cfg.json: k=2.5 is not allowed"),
     (["k_differs", "out"], f"'layers.1.mlp': {K + 1}"),
     (["nan_decoder", "out"], "layers.1.mlp: W_dec holds 1 NaN/Inf values (first nan at [3, 2])"),
     (["inf_bias", "out"], "layers.1.mlp: encoder.bias holds 1 NaN/Inf values (first -inf at [5])"),

@@ -84,18 +84,13 @@ def batch_topk_threshold(coder) -> float | None:
     return float(coder.batch_topk_threshold.clamp_min(0))
 
 
-def check_coder_values(hookpoint: str, coder_dir: Path, coder) -> None:
-    """Refuse a coder whose ``k`` is not a positive integer or whose weights are not finite.
+def check_coder_values(hookpoint: str, coder) -> None:
+    """Refuse a coder whose weights are not finite.
 
-    sparsify loads both without complaint (and truncates a fractional ``k``); exported,
-    they give NaN graphs or a TopK that keeps nothing, far from the checkpoint that
-    caused them. ``k`` is read from ``cfg.json`` itself for that reason.
+    sparsify loads them without complaint; exported, they give NaN graphs far from the
+    checkpoint that caused them. (``k`` was checked when the coder was loaded:
+    ``adapters.sparsify.coder_loading``.)
     """
-    from ..sparsify.coder_loading import read_coder_config
-
-    k = read_coder_config(coder_dir)[0].get("k", coder.cfg.k)
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ExportError(f"{hookpoint}: cfg.json has k={k!r}; allowed: a positive integer")
     values = dict(coder.state_dict())
     if getattr(coder.cfg, "batch_topk", False):
         values["batch_topk_threshold (cfg.json)"] = coder.batch_topk_threshold
@@ -180,7 +175,7 @@ def export_transcoder_set(
     width, d_in, k = first.num_latents, first.d_in, first.cfg.k
     sizes = coder_nested_sizes(first)
     for layer, (hp, coder) in coders.items():
-        check_coder_values(hp, coder_dirs[layer][1], coder)
+        check_coder_values(hp, coder)
         if (coder.num_latents, coder.d_in) != (width, d_in):
             raise ExportError(
                 f"{hp}: width {coder.num_latents}, d_in {coder.d_in} differ from layer 0's "
