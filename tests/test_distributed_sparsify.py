@@ -1,0 +1,134 @@
+"""``sparsify-matryoshka`` under ``torchrun`` on the CPU (gloo), against one process.
+
+Every run is a subprocess: ``torchrun`` (``python -m torch.distributed.run``), or for a
+crash the ranks started by hand with the environment torchrun would give them. The
+ranks record what they saw in ``dist_scripts/sparsify_recording.py``.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "dist_scripts" / "sparsify_recording.py"
+CTX = 16
+HOOK = "h.0.mlp"
+TIMEOUT = 240
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_args(model, data, save_dir, *extra):
+    return [
+        str(model), str(data), "--ctx_len", str(CTX), "--log_to_wandb", "false",
+        "--data_preprocessing_num_proc", "1", "--num_latents", "32", "--k", "4",
+        "--device", "cpu", "--optimizer", "adam", "--lr_warmup_steps", "1",
+        "--save_dir", str(save_dir), "--run_name", "r", "--dist_timeout", "60", *extra,
+    ]
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def torchrun(args, record, *, nproc=2, launcher=None):
+    launcher = launcher or ["--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(SCRIPT), str(record), "0", *args]
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def alone(args, record):
+    cmd = [sys.executable, str(SCRIPT), str(record), "0", *args]
+    return check(subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT))
+
+
+def ranks_by_hand(args, record, *, crash_after_save=0, world=2):
+    """Each rank started as torchrun starts it; their (exit code, stderr)."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(record), str(crash_after_save), *args],
+            env=child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(world)
+    ]
+    return [(p.returncode, p.communicate(timeout=TIMEOUT)[1]) for p in procs]
+
+
+def record(path, rank=0):
+    return json.loads((Path(path) / f"rank{rank}.json").read_text())
+
+
+def weights(save_dir, hook=HOOK):
+    return load_file(Path(save_dir) / "r" / hook / "sae.safetensors")
+
+
+def global_step(save_dir):
+    return torch.load(Path(save_dir) / "r" / "state.pt", weights_only=True)["global_step"]
+
+
+def write_memmap(path, rows):
+    np.asarray(rows, dtype=np.uint16).tofile(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model"), "gpt2")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """16 random sequences of CTX tokens (the tiny tokenizer has 96 ids)."""
+    return np.random.default_rng(0).integers(2, 96, size=(16, CTX))
+
+
+def distance(a, b) -> float:
+    return float(sum((a[n] - b[n]).pow(2).sum() for n in a) ** 0.5)
+
+
+def test_ddp_equals_one_process_with_twice_the_batch(tmp_path, model_dir, rows):
+    data = write_memmap(tmp_path / "a.bin", rows)
+    # sparsify gives rank r the contiguous rows [8r, 8r + 8); one process with a batch of
+    # 4 sees at each step the rows of both ranks' batches of 2 when they are interleaved.
+    both = rows.reshape(2, 4, 2, CTX).transpose(1, 0, 2, 3).reshape(16, CTX)
+    merged = write_memmap(tmp_path / "b.bin", both)
+    rank0_rows = write_memmap(tmp_path / "c.bin", rows[:8])
+    extra = ["--matryoshka", "true", "--nested_sizes", "8", "16", "--hookpoints", HOOK]
+    check(torchrun(run_args(model_dir, data, tmp_path / "dp", "--batch_size", "2", *extra), tmp_path / "rdp"))
+    alone(run_args(model_dir, merged, tmp_path / "big", "--batch_size", "4", *extra), tmp_path / "rbig")
+    alone(run_args(model_dir, data, tmp_path / "small", "--batch_size", "2", *extra), tmp_path / "rsmall")
+    alone(run_args(model_dir, rank0_rows, tmp_path / "own", "--batch_size", "2", *extra), tmp_path / "rown")
+
+    # Not equal to the last bit: each rank's FVU divides by its own batch's variance
+    # (sparsify's loss), one process by that of both batches together.
+    dp_losses = np.mean([record(tmp_path / "rdp", r)["losses"] for r in (0, 1)], axis=0)
+    np.testing.assert_allclose(dp_losses, record(tmp_path / "rbig")["losses"], rtol=3e-2)
+    dp, big = weights(tmp_path / "dp"), weights(tmp_path / "big")
+    # Far closer to it than rank 0 trained on its own rows is (gradients not averaged).
+    assert distance(dp, big) < 0.25 * distance(weights(tmp_path / "own"), big)
+    assert global_step(tmp_path / "dp") == 4 and global_step(tmp_path / "small") == 8
