@@ -111,24 +111,67 @@ def distance(a, b) -> float:
     return float(sum((a[n] - b[n]).pow(2).sum() for n in a) ** 0.5)
 
 
-def test_ddp_equals_one_process_with_twice_the_batch(tmp_path, model_dir, rows):
-    data = write_memmap(tmp_path / "a.bin", rows)
+MATRYOSHKA = ["--matryoshka", "true", "--nested_sizes", "8", "16", "--hookpoints", HOOK]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, model_dir, rows):
+    """A torchrun run on two ranks, batch 2 each, over ``rows``: (data, save_dir)."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_memmap(root / "a.bin", rows)
+    args = run_args(model_dir, data, root / "dp", "--batch_size", "2", *MATRYOSHKA)
+    check(torchrun(args, root / "record"))
+    return data, root
+
+
+def test_ddp_equals_one_process_with_twice_the_batch(tmp_path, model_dir, rows, ddp_run):
+    data, root = ddp_run
     # sparsify gives rank r the contiguous rows [8r, 8r + 8); one process with a batch of
     # 4 sees at each step the rows of both ranks' batches of 2 when they are interleaved.
     both = rows.reshape(2, 4, 2, CTX).transpose(1, 0, 2, 3).reshape(16, CTX)
     merged = write_memmap(tmp_path / "b.bin", both)
     rank0_rows = write_memmap(tmp_path / "c.bin", rows[:8])
-    extra = ["--matryoshka", "true", "--nested_sizes", "8", "16", "--hookpoints", HOOK]
-    check(torchrun(run_args(model_dir, data, tmp_path / "dp", "--batch_size", "2", *extra), tmp_path / "rdp"))
-    alone(run_args(model_dir, merged, tmp_path / "big", "--batch_size", "4", *extra), tmp_path / "rbig")
-    alone(run_args(model_dir, data, tmp_path / "small", "--batch_size", "2", *extra), tmp_path / "rsmall")
-    alone(run_args(model_dir, rank0_rows, tmp_path / "own", "--batch_size", "2", *extra), tmp_path / "rown")
+    alone(run_args(model_dir, merged, tmp_path / "big", "--batch_size", "4", *MATRYOSHKA), tmp_path / "rbig")
+    alone(run_args(model_dir, data, tmp_path / "small", "--batch_size", "2", *MATRYOSHKA), tmp_path / "rsmall")
+    alone(run_args(model_dir, rank0_rows, tmp_path / "own", "--batch_size", "2", *MATRYOSHKA), tmp_path / "rown")
 
     # Not equal to the last bit: each rank's FVU divides by its own batch's variance
     # (sparsify's loss), one process by that of both batches together.
-    dp_losses = np.mean([record(tmp_path / "rdp", r)["losses"] for r in (0, 1)], axis=0)
+    dp_losses = np.mean([record(root / "record", r)["losses"] for r in (0, 1)], axis=0)
     np.testing.assert_allclose(dp_losses, record(tmp_path / "rbig")["losses"], rtol=3e-2)
-    dp, big = weights(tmp_path / "dp"), weights(tmp_path / "big")
+    dp, big = weights(root / "dp"), weights(tmp_path / "big")
     # Far closer to it than rank 0 trained on its own rows is (gradients not averaged).
     assert distance(dp, big) < 0.25 * distance(weights(tmp_path / "own"), big)
-    assert global_step(tmp_path / "dp") == 4 and global_step(tmp_path / "small") == 8
+    assert global_step(root / "dp") == 4 and global_step(tmp_path / "small") == 8
+
+
+def test_two_nodes_through_a_rendezvous_endpoint_train_as_two_local_ranks(tmp_path, model_dir, ddp_run):
+    data, root = ddp_run
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(SCRIPT), str(tmp_path / "rec"), "0",
+           *run_args(model_dir, data, tmp_path / "nodes", "--batch_size", "2", *MATRYOSHKA)]
+    nodes = [subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for node in nodes:
+        err = node.communicate(timeout=TIMEOUT)[1]
+        assert node.returncode == 0, err[-3000:]
+    got, want = weights(tmp_path / "nodes"), weights(root / "dp")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_distribute_modules_trains_each_coder_as_one_process_does(tmp_path, model_dir, rows):
+    data = write_memmap(tmp_path / "a.bin", rows)
+    both = rows.reshape(2, 4, 2, CTX).transpose(1, 0, 2, 3).reshape(16, CTX)
+    merged = write_memmap(tmp_path / "b.bin", both)
+    hooks = ["--matryoshka", "true", "--nested_sizes", "8", "16", "--hookpoints", "h.0.mlp", "h.1.mlp"]
+    # Each rank's coder trains on both ranks' batches (sparsify all-gathers them).
+    check(torchrun(run_args(model_dir, data, tmp_path / "dm", "--batch_size", "2",
+                            "--distribute_modules", "true", *hooks), tmp_path / "rdm"))
+    alone(run_args(model_dir, merged, tmp_path / "one", "--batch_size", "4", *hooks), tmp_path / "rone")
+    for hook in ("h.0.mlp", "h.1.mlp"):
+        got, want = weights(tmp_path / "dm", hook), weights(tmp_path / "one", hook)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)

@@ -23,11 +23,15 @@ the plugin:
   ranks waiting for rank 0 to prepare the data) waits as long as upstream's week-long
   group timeout allows, on a gloo group, while every other collective keeps the
   timeout that makes a dead rank end the others.
+- ``os`` (as ``run`` sees it): ``run`` takes ``LOCAL_RANK`` for the rank, so on
+  ``--nnodes 2`` every node's first rank would take the same data shard; it sees the
+  global ``RANK`` there instead (and the model still goes on the local GPU).
 - ``sparsify.trainer.DDP``: upstream passes the global rank as the CUDA device, which
   is wrong on a CPU (no device ids allowed) and on the second node of ``--nnodes``;
   the coder's own device is passed instead.
 """
 
+import os
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -170,7 +174,9 @@ def _upstream_distributed_names() -> dict:
     def preparation_barrier() -> None:
         dist.monitored_barrier(group=group, timeout=PREPARATION_TIMEOUT)
 
+    global_rank = {**os.environ, "LOCAL_RANK": str(dist.get_rank())}
     return {
+        "os": _Overlay(os, environ=global_rank),
         "dist": _Overlay(dist, init_process_group=_already_done, barrier=preparation_barrier),
         "torch": _Overlay(
             torch, device=_already_done, cuda=_Overlay(torch.cuda, set_device=_already_done)
@@ -223,13 +229,13 @@ def train(args: MatryoshkaRunConfig, dist_timeout_s: float = distributed.DEFAULT
         raise UsageError(f"--resume: no checkpoint to resume at {run_dir}")
     if args.finetune and not Path(args.finetune).is_dir():
         raise UsageError(f"--finetune {args.finetune}: no such checkpoint folder")
-    distributed.join_process_group(device, dist_timeout_s)
+    local_rank = distributed.join_process_group(device, dist_timeout_s) or 0
 
-    def load_artifacts(run_args: MatryoshkaRunConfig, rank: int):
-        # As upstream does, rank r's model goes on cuda:r (under torchrun, rank is
-        # LOCAL_RANK; alone, 0); an explicit cuda:N is kept.
+    def load_artifacts(run_args: MatryoshkaRunConfig, _global_rank: int):
+        # As upstream does, local rank r's model goes on cuda:r (alone, 0); an explicit
+        # cuda:N is kept.
         on_rank = device.type == "cuda" and device.index is None
-        rank_device = torch.device("cuda", rank) if on_rank else device
+        rank_device = torch.device("cuda", local_rank) if on_rank else device
         return load_language_model(run_args, rank_device), load_data(run_args)
 
     def build_trainer(cfg: MatryoshkaRunConfig, dataset, model) -> MatryoshkaTrainer:
