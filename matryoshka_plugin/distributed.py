@@ -10,6 +10,7 @@ then raises into one ``PeerLostError`` line naming the rank that saw it.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
@@ -73,6 +74,13 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _short_reason(error: BaseException) -> str:
+    """gloo's message without its source path and its boilerplate advice."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0]
+
+
 @contextmanager
 def reporting_lost_ranks(resume_hint: str) -> Iterator[None]:
     """Turn a collective's failure (a dead or stalled rank) into one ``PeerLostError``."""
@@ -83,7 +91,7 @@ def reporting_lost_ranks(resume_hint: str) -> Iterator[None]:
         # ("gloo/transport/tcp/pair.cc: Connection closed by peer", "Timed out waiting").
         if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo/" in str(e)):
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _short_reason(e)
         raise PeerLostError(
             f"rank {dist.get_rank()} of {dist.get_world_size()}: another rank died or "
             f"stopped answering ({reason}); {resume_hint}"

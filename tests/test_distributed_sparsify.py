@@ -7,6 +7,7 @@ ranks record what they saw in ``dist_scripts/sparsify_recording.py``.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,7 +77,8 @@ def ranks_by_hand(args, record, *, crash_after_save=0, world=2):
         )
         for r in range(world)
     ]
-    return [(p.returncode, p.communicate(timeout=TIMEOUT)[1]) for p in procs]
+    errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs)]
 
 
 def record(path, rank=0):
@@ -175,3 +177,36 @@ def test_distribute_modules_trains_each_coder_as_one_process_does(tmp_path, mode
         got, want = weights(tmp_path / "dm", hook), weights(tmp_path / "one", hook)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_prefixes_and_batch_topk_agree_on_every_rank_through_a_crash(tmp_path, model_dir):
+    data = write_memmap(tmp_path / "a.bin", np.random.default_rng(1).integers(2, 96, size=(32, CTX)))
+    sampled = ["--matryoshka", "true", "--prefix_schedule", "pareto", "--num_prefixes", "3",
+               "--min_prefix", "2", "--batch_topk", "true", "--hookpoints", HOOK, "--save_every", "2",
+               "--batch_size", "2"]
+    check(torchrun(run_args(model_dir, data, tmp_path / "full", *sampled), tmp_path / "rfull"))
+    full = [record(tmp_path / "rfull", r) for r in (0, 1)]
+    assert len(full[0]["sizes"]) == 8 and len({tuple(s) for s in full[0]["sizes"]}) > 1
+    assert full[0]["sizes"] == full[1]["sizes"]
+    # Averaged after every step, so each save sees one threshold on every rank.
+    assert full[0]["thresholds"] == full[1]["thresholds"]
+    assert all(t[HOOK] > 0 for t in full[0]["thresholds"])
+
+    # Rank 1 dies right after the first checkpoint; rank 0 stops at its next collective.
+    args = run_args(model_dir, data, tmp_path / "crash", *sampled)
+    (code0, err0), (code1, _) = ranks_by_hand(args, tmp_path / "rcrash", crash_after_save=1)
+    assert code1 == -signal.SIGKILL and code0 == 2
+    # tqdm redraws its bar with "\r", so the error may share a "line" with it.
+    errors = [line for line in re.split(r"[\r\n]", err0) if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err0, err0[-2000:]
+    assert "sparsify-matryoshka: error: rank 0 of 2: " in errors[0] and "--resume" in errors[0]
+    print(errors[0])
+
+    step = global_step(tmp_path / "crash")
+    resumed = ranks_by_hand([*args, "--resume", "true"], tmp_path / "rresumed")
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-2000:]
+    for r in (0, 1):  # the sampler goes on where the checkpoint left it, on every rank
+        assert record(tmp_path / "rresumed", r)["sizes"] == full[0]["sizes"][step:]
+    got, want = weights(tmp_path / "crash"), weights(tmp_path / "full")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
