@@ -200,7 +200,6 @@ def test_sampled_prefixes_and_batch_topk_agree_on_every_rank_through_a_crash(tmp
     errors = [line for line in re.split(r"[\r\n]", err0) if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in err0, err0[-2000:]
     assert "sparsify-matryoshka: error: rank 0 of 2: " in errors[0] and "--resume" in errors[0]
-    print(errors[0])
 
     step = global_step(tmp_path / "crash")
     resumed = ranks_by_hand([*args, "--resume", "true"], tmp_path / "rresumed")
