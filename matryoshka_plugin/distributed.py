@@ -45,10 +45,10 @@ def world_size() -> int:
 
 def join_process_group(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
     """Join torchrun's process group for ``device``; the local rank, or None when alone."""
+    if not timeout_s > 0:
+        raise UsageError(f"--dist_timeout {timeout_s}: must be a positive number of seconds")
     if not launched():
         return None
-    if timeout_s <= 0:
-        raise UsageError(f"--dist_timeout {timeout_s}: must be a positive number of seconds")
     local_rank = int(os.environ["LOCAL_RANK"])
     if dist.is_initialized():
         return local_rank

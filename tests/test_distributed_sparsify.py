@@ -209,3 +209,14 @@ def test_sampled_prefixes_and_batch_topk_agree_on_every_rank_through_a_crash(tmp
     got, want = weights(tmp_path / "crash"), weights(tmp_path / "full")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_dist_timeout_is_one_line_before_any_model_load(tmp_path, capsys):
+    from matryoshka_plugin.cli.sparsify import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(tmp_path / "no-model", tmp_path / "no.bin", tmp_path / "ck", "--dist_timeout", "0"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparsify-matryoshka: error: --dist_timeout 0.0: must be a positive number of seconds"]
+    assert not (tmp_path / "ck").exists()

@@ -84,6 +84,9 @@ class CLTTrainConfig:
     device: str = "cpu"
     """Torch device to train on (cpu, cuda, cuda:1, ...)."""
 
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """Under torchrun, seconds a rank waits for the others before it stops."""
+
     def __post_init__(self):
         if isinstance(self.clt, dict):
             self.clt = CLTConfig.from_dict(self.clt)
@@ -154,7 +157,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     data-parallel run (see the module docstring).
     """
     device = torch.device(cfg.device)
-    local_rank = distributed.join_process_group(device)
+    local_rank = distributed.join_process_group(device, cfg.dist_timeout)
     if local_rank is not None and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     hint = f"rerun every rank with --resume to go on from {Path(cfg.save_dir) / 'checkpoint'}"
