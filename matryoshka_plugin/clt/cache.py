@@ -159,18 +159,23 @@ class ActivationCache:
         return layers
 
     def load(
-        self, layers: list[int] | None = None, dtype: torch.dtype | None = torch.float32
+        self,
+        layers: list[int] | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        rows: slice | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Inputs and outputs ``[n_tokens, len(layers), d_model]`` in ``dtype``.
 
         ``dtype=None`` keeps the stored dtype: an all-layer float16 cache then takes half
-        the memory, and training casts one batch at a time.
+        the memory, and training casts one batch at a time. ``rows`` (a step-1 slice)
+        reads only those tokens from disk, as one rank of a distributed run does.
         """
         layers = self.check_layers(layers or self.layers)
+        rows = rows or slice(None)
         xs, ys = [], []
         for i in layers:
             with safe_open(str(self.path / f"layer_{i}.safetensors"), framework="pt") as f:
-                x, y = f.get_tensor("input"), f.get_tensor("output")
+                x, y = f.get_slice("input")[rows], f.get_slice("output")[rows]
                 xs.append(x if dtype is None else x.to(dtype))
                 ys.append(y if dtype is None else y.to(dtype))
         return torch.stack(xs, dim=1), torch.stack(ys, dim=1)

@@ -6,6 +6,12 @@ first-step bias initialisation, AuxK on latents dead for ``dead_feature_threshol
 tokens, a tqdm bar and periodic atomic checkpoints (``save_dir/checkpoint``) that
 ``resume`` continues from. At the end it measures held-out FVU per prefix length and
 writes the CLT to ``save_dir/clt`` with ``metrics.json`` and a plot.
+
+Under ``torchrun`` it is data-parallel: each rank reads only its own contiguous
+``n_tokens // world_size`` rows of the cache, holds out and orders them as a lone run
+orders all of them, and trains a DDP copy on ``batch_size`` tokens per step; the first
+step's biases, the dead-latent counts and the logged losses are averaged over the
+ranks, and rank 0 alone writes the checkpoints, the CLT and its metrics.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..atomic import check_writable_dir
 from ..core.errors import CLTError
 from ..core.plain_state import load_plain_state
@@ -45,7 +54,7 @@ class CLTTrainConfig:
     """The CLT's width, k and Matryoshka options."""
 
     batch_size: int = 512
-    """Tokens per optimisation step."""
+    """Tokens per optimisation step (per rank under torchrun)."""
 
     epochs: int = 1
     """Passes over the training tokens (ignored when max_steps is set)."""
@@ -76,6 +85,9 @@ class CLTTrainConfig:
 
     device: str = "cpu"
     """Torch device to train on (cpu, cuda, cuda:1, ...)."""
+
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """Under torchrun, seconds a rank waits for the others before it stops."""
 
     def __post_init__(self):
         if isinstance(self.clt, dict):
@@ -162,17 +174,43 @@ def resume_from(ckpt: Path, clt: MatryoshkaCLT, opt, sched) -> tuple[torch.Tenso
     return since_fired, history, step
 
 
+def _average_over_ranks(*tensors: torch.Tensor) -> None:
+    """Replace each tensor in place by its mean over the ranks (nothing when alone)."""
+    for t in tensors:
+        if distributed.world_size() > 1:
+            dist.all_reduce(t)
+            t /= distributed.world_size()
+
+
 def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaCLT:
     """Train a CLT from ``cfg.cache``; writes ``save_dir/clt`` and ``save_dir/metrics.json``.
 
-    Returns the trained CLT in eval mode.
+    Returns the trained CLT in eval mode. Under ``torchrun``, one rank of a
+    data-parallel run (see the module docstring).
     """
+    device = torch.device(cfg.device)
+    local_rank = distributed.join_process_group(device, cfg.dist_timeout)
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    hint = f"rerun every rank with --resume to go on from {Path(cfg.save_dir) / 'checkpoint'}"
+    with distributed.reporting_lost_ranks(hint):
+        clt = _train_clt_on(device, cfg, show_progress)
+        if dist.is_initialized():  # the others return once rank 0 has written the CLT
+            dist.barrier()
+    distributed.leave_process_group()
+    return clt
+
+
+def _train_clt_on(device: torch.device, cfg: CLTTrainConfig, show_progress: bool) -> MatryoshkaCLT:
     from sparsify.sign_sgd import SignSGD
 
     check_writable_dir(cfg.save_dir)
     cache = ActivationCache(cfg.cache)
     layers = cache.check_layers(cfg.layers or cache.layers)
-    x_all, y_all = cache.load(layers, dtype=None)
+    rank, world = distributed.rank(), distributed.world_size()
+    # Equal shards: every rank must take the same number of steps.
+    shard = cache.n_tokens // world
+    x_all, y_all = cache.load(layers, dtype=None, rows=slice(rank * shard, (rank + 1) * shard))
     n_hold = int(len(x_all) * cfg.holdout_fraction)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(x_all), generator=gen)
@@ -182,7 +220,6 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
         raise CLTError(
             f"batch_size={cfg.batch_size} exceeds the {n_train} training tokens in {cache.path}"
         )
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     clt = MatryoshkaCLT(cache.d_model, layers, cfg.clt, device=device)
     clt.source = {
@@ -213,6 +250,8 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
         since_fired, history, step = resume_from(ckpt, clt, opt, sched)
 
     def write_checkpoint():
+        if rank:
+            return
         state = {
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
@@ -225,7 +264,8 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
         save_clt(clt, ckpt, extra_files={STATE_FILE: lambda p: torch.save(state, p)})
 
     clt.train()
-    bar = tqdm(total=total, initial=step, desc="training CLT", unit="step", disable=not show_progress)
+    model = clt  # what the steps run through: DDP once the first step has set the biases
+    bar = tqdm(total=total, initial=step, desc="training CLT", unit="step", disable=not show_progress or rank)
     perm_epoch, perm = -1, None
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -237,21 +277,32 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
         xb, yb = x_all[rows].to(device, torch.float32), y_all[rows].to(device, torch.float32)
         if step == 0:
             clt.init_biases(xb, yb)
+            # Means of equal shards' batch means: the biases of the global batch.
+            with torch.no_grad():
+                _average_over_ranks(*clt.b_enc, clt.b_dec)
+        if world > 1 and model is clt:
+            model = DistributedDataParallel(
+                clt, device_ids=[device.index] if device.type == "cuda" else None
+            )
         dead = since_fired > cfg.clt.dead_feature_threshold if cfg.clt.auxk_alpha > 0 else None
-        out = clt(xb, yb, dead_mask=dead)
+        out = model(xb, yb, dead_mask=dead)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         sched.step()
-        since_fired += len(rows)
+        since_fired += len(rows) * world
         for s, idx in enumerate(out.top_indices):
             since_fired[s, idx.flatten()] = 0
+        if world > 1:  # a latent that fired on any rank fired
+            dist.all_reduce(since_fired, op=dist.ReduceOp.MIN)
         step += 1
+        loss, fvu = out.loss.detach().clone(), out.fvu.detach().clone()
+        _average_over_ranks(loss, fvu)
         row = {
             "step": step,
-            "loss": float(out.loss.detach()),
-            "fvu": out.fvu.tolist(),
-            "fvu_mean": float(out.fvu.mean()),
+            "loss": float(loss),
+            "fvu": fvu.tolist(),
+            "fvu_mean": float(fvu.mean()),
             "dead_fraction": float((since_fired > cfg.clt.dead_feature_threshold).float().mean()),
         }
         history.append(row)
@@ -262,6 +313,8 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     bar.close()
     write_checkpoint()
     clt.eval()
+    if rank:
+        return clt
     metrics = {"layers": layers, "steps": step, "lr": lr, "history": history}
     if n_hold >= 2:
         xh, yh = x_all[hold].to(device, torch.float32), y_all[hold].to(device, torch.float32)
