@@ -18,14 +18,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .core.errors import MatryoshkaError, UsageError
+from .core.errors import PeerLostError, UsageError
 
 DEFAULT_TIMEOUT_S = 600
 """How long a collective waits for the other ranks before this rank gives up."""
-
-
-class PeerLostError(MatryoshkaError, RuntimeError):
-    """Another rank of a distributed run died or stopped answering; this rank stopped."""
 
 
 def launched() -> bool:

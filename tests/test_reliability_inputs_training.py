@@ -144,7 +144,6 @@ def train_work(work, tiny_llama_dir, text_dir, trained_run):
 
 
 # training_run.load_data must call run_config.chunk_and_tokenize_checked for these.
-NEEDS_LOAD_DATA_CALL = pytest.mark.xfail(strict=True, raises=ValueError, reason="load_data still calls chunk_and_tokenize")
 RUN = ["model", "texts", *TINY]
 TRAIN_CASES = [
     (["gpt2", "data", "--loss_fn", "ce", "--matryoshka", "true"], "loss_fn='ce'"),
@@ -173,8 +172,9 @@ TRAIN_CASES = [
     ([*RUN, "--layers", "99"], "[99]"),
     ([*RUN, "--hookpoints", "layers.0.mlpp"], "layers.0.mlpp"),
     ([*RUN, "--batch_size", "64"], "batch_size 64"),
-    pytest.param(["model", "empty.txt", *TINY], "empty.txt", marks=NEEDS_LOAD_DATA_CALL),
-    pytest.param(["model", "short.txt", *TINY], "short.txt", marks=NEEDS_LOAD_DATA_CALL),
+    (["model", "empty.txt", *TINY], "empty.txt"),
+    (["model", "short.txt", *TINY], "short.txt"),
+    (["model", "missing.bin", *TINY], "missing.bin"),
     ([*RUN, "--layers", "0", "--finetune", "wide"], "wide/layers.0/sae.safetensors"),
     ([*RUN, "--layers", "0", "--resume", "true", "--save_dir", "ck_corrupt", "--run_name", "r"], "ck_corrupt"),
     ([*RUN, "--layers", "0", "--resume", "true", "--save_dir", "ck_noopt", "--run_name", "r"], "optimizer_0.pt"),

@@ -52,6 +52,10 @@ class AssetError(MatryoshkaError, RuntimeError):
     """The viewer's vendored JavaScript libraries are missing or cannot be vendored."""
 
 
+class PeerLostError(MatryoshkaError, RuntimeError):
+    """Another rank of a distributed run died or stopped answering; this rank stopped."""
+
+
 class CLTTrainingInstalledError(MatryoshkaError, RuntimeError):
     """The installed ``sparsify`` is EleutherAI clt-training, not PyPI eai-sparsify."""
 

@@ -105,10 +105,11 @@ class MatryoshkaTrainer(Trainer):
         finally:
             self.global_step -= mid_step
         if coders := self._matryoshka_coders(saes):
-            torch.save(
-                {n: c.matryoshka_state() for n, c in coders.items()},
-                f"{path}/{MATRYOSHKA_STATE_FILE}",
-            )
+            # With distribute_modules each rank holds other coders and writes into the
+            # same directory: one file per rank, as upstream does for its own state.
+            per_rank = dist.is_initialized() and self.cfg.distribute_modules
+            name = f"rank_{dist.get_rank()}_{MATRYOSHKA_STATE_FILE}" if per_rank else MATRYOSHKA_STATE_FILE
+            torch.save({n: c.matryoshka_state() for n, c in coders.items()}, f"{path}/{name}")
 
     def load_state(self, path: str):
         # A crash between the renames of a checkpoint swap leaves the complete
@@ -139,9 +140,10 @@ class MatryoshkaTrainer(Trainer):
             self.global_step -= 1
             self._resume_k = super().get_current_k()
             self.global_step += 1
-        state_file = Path(path) / MATRYOSHKA_STATE_FILE
-        if (coders := self._matryoshka_coders()) and state_file.exists():
-            state = load_matryoshka_state(state_file, list(coders))
+        state_files = sorted(Path(path).glob(f"*{MATRYOSHKA_STATE_FILE}"))
+        if (coders := self._matryoshka_coders()) and state_files:
+            state = load_matryoshka_state(state_files, list(coders))
+            state_file = Path(path) / MATRYOSHKA_STATE_FILE
             for name, coder in coders.items():
                 try:
                     coder.load_matryoshka_state(state[name])
@@ -180,13 +182,20 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_matryoshka_state(file: Path, names: list[str]) -> dict:
-    """``matryoshka_state.pt``: tensors and plain data only, an entry per coder in ``names``.
+def load_matryoshka_state(files: list[Path], names: list[str]) -> dict:
+    """The coders' Matryoshka state from ``matryoshka_state.pt`` (or, written by a
+    ``distribute_modules`` run, one ``rank_R_matryoshka_state.pt`` per rank): tensors and
+    plain data only, an entry per coder in ``names``.
 
     A crafted pickle in a checkpoint must not run code on resume (``core.plain_state``).
     """
-    state = load_plain_state(file, CheckpointError, map_location="cpu")
-    if not isinstance(state, dict) or any(n not in state for n in names):
-        held = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{file} holds {held}; it needs an entry for each coder {names}")
+    state = {}
+    for file in files:
+        part = load_plain_state(file, CheckpointError, map_location="cpu")
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{file} holds {type(part).__name__}; it needs an entry for each coder {names}")
+        state.update(part)
+    if any(n not in state for n in names):
+        where = files[0] if len(files) == 1 else f"{files[0].parent}/*{MATRYOSHKA_STATE_FILE}"
+        raise CheckpointError(f"{where} holds {sorted(state)}; it needs an entry for each coder {names}")
     return state

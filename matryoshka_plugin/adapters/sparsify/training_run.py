@@ -42,16 +42,16 @@ import sparsify.trainer
 import torch
 import torch.distributed as dist
 from datasets import Dataset, DatasetDict, load_dataset
-from sparsify.data import MemmapDataset, chunk_and_tokenize
+from sparsify.data import MemmapDataset
 from sparsify.utils import simple_parse_args_string
 from torch.nn.parallel import DistributedDataParallel
 
 from ... import distributed
-from ...atomic import recover_dir
+from ...atomic import check_writable_dir, recover_dir, run_lock
 from ...core.errors import UsageError
 from ...offline import resolve_model
 from .coder import MatryoshkaSparseCoder
-from .run_config import MatryoshkaRunConfig
+from .run_config import MatryoshkaRunConfig, check_memmap_file, chunk_and_tokenize_checked
 from .trainer import MatryoshkaTrainer
 
 PREPARATION_TIMEOUT = timedelta(weeks=1)
@@ -104,6 +104,7 @@ def text_files(path: Path) -> list[Path]:
 def load_data(args: MatryoshkaRunConfig):
     """The training set, from any of the DATASET forms the CLI accepts."""
     if args.dataset.endswith(".bin"):
+        check_memmap_file(args.dataset, args.ctx_len)
         return MemmapDataset(args.dataset, args.ctx_len, args.max_examples)
     path = Path(args.dataset).expanduser()
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
@@ -130,9 +131,10 @@ def load_data(args: MatryoshkaRunConfig):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model), token=args.hf_token)
-        dataset = chunk_and_tokenize(
+        dataset = chunk_and_tokenize_checked(
             dataset,
             tokenizer,
+            source=args.dataset,
             max_seq_len=args.ctx_len,
             num_proc=max(args.data_preprocessing_num_proc, 1),
             text_key=args.text_column,
@@ -229,6 +231,7 @@ def train(args: MatryoshkaRunConfig, dist_timeout_s: float = distributed.DEFAULT
         raise UsageError(f"--resume: no checkpoint to resume at {run_dir}")
     if args.finetune and not Path(args.finetune).is_dir():
         raise UsageError(f"--finetune {args.finetune}: no such checkpoint folder")
+    check_writable_dir(run_dir)
     local_rank = distributed.join_process_group(device, dist_timeout_s) or 0
 
     def load_artifacts(run_args: MatryoshkaRunConfig, _global_rank: int):
@@ -241,6 +244,16 @@ def train(args: MatryoshkaRunConfig, dist_timeout_s: float = distributed.DEFAULT
     def build_trainer(cfg: MatryoshkaRunConfig, dataset, model) -> MatryoshkaTrainer:
         print(f"Device: {device}; Matryoshka: {cfg.sae.matryoshka}")
         trainer = MatryoshkaTrainer(cfg, dataset, model)
+        if distributed.rank() == 0:
+            # Held while fit() writes, once every input (resume files included) passed its
+            # checks, so a refused run leaves no lock file. One holder refuses a second run.
+            fit = trainer.fit
+
+            def fit_locked():
+                with run_lock(run_dir):
+                    fit()
+
+            trainer.fit = fit_locked
         average_batch_topk_thresholds(trainer)
         if cfg.resume:
             # Upstream then calls trainer.load_state("checkpoints/{run_name}").
