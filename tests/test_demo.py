@@ -33,7 +33,8 @@ def build_tiny_llama(path):
         "llama", tokenizer.vocab_size, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return save_model(path, random_model(config, lm_head=False), tokenizer)
+    # A causal LM (with its head): circuit-tracer needs the logits for the graphs.
+    return save_model(path, random_model(config), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
         "like layers.3.mlp, or layer numbers); needed for --activation jumprelu",
     )
     parser.add_argument("--model-name", help="model name to record in config.yaml")
+    parser.add_argument(
+        "--n-layers",
+        type=int,
+        help="the model's number of layers; layers without a coder are written as zero "
+        "transcoders (their MLP output goes to the error nodes). Default: up to the last coder",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     return parser
 
 
 def _export(args) -> None:
-    from ..adapters.circuit_tracer.sparsify_export import export_transcoder_set, read_calibration
+    from ..adapters.circuit_tracer.sparsify_export import (
+        empty_layers,
+        export_transcoder_set,
+        find_coder_dirs,
+        read_calibration,
+    )
 
+    empty = empty_layers(find_coder_dirs(args.checkpoint_dir), args.n_layers)
     out = export_transcoder_set(
         args.checkpoint_dir,
         args.out_dir,
@@ -53,7 +65,10 @@ def _export(args) -> None:
         calibration=read_calibration(args.calibration) if args.calibration else None,
         model_name=args.model_name,
         overwrite=args.overwrite,
+        n_layers=args.n_layers,
     )
+    if empty:
+        print(f"layers {empty} have no coder: written as zero transcoders (their MLP output is an error node)")
     print(f"wrote {out.absolute()}")
 
 
