@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> None:
+    from ..demo_job import format_layers
     from ..adapters.circuit_tracer.sparsify_export import (
         empty_layers,
         export_transcoder_set,
@@ -68,7 +69,7 @@ def _export(args) -> None:
         n_layers=args.n_layers,
     )
     if empty:
-        print(f"layers {empty} have no coder: written as zero transcoders (their MLP output is an error node)")
+        print(f"no coder for layers {format_layers(empty)}: written as zero transcoders (their MLP output is an error node)")
     print(f"wrote {out.absolute()}")
 
 
