@@ -72,7 +72,6 @@ RECIPES = {
     "full": dict(layers=None, num_latents=2048, k=32, ctx_len=64, batch_size=16,
                  steps=400, eval_tokens=8192, save_every=20),
 }
-RECIPE_OPTIONS = tuple(RECIPES["demo"])
 
 
 def hookpoint(layer: int) -> str:
