@@ -292,7 +292,11 @@ class Progress:
         self.settings = settings
         self.done: dict = {}
         if resume and self.path.is_file():
-            saved = json.loads(self.path.read_text())
+            try:
+                saved = json.loads(self.path.read_text())
+                saved["settings"], saved["done"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UsageError(f"{self.path} is not a progress record ({e}); delete it to start over") from None
             if saved["settings"] != settings:
                 diff = sorted(k for k in settings.keys() | saved["settings"].keys()
                               if settings.get(k) != saved["settings"].get(k))
