@@ -294,17 +294,16 @@ class Progress:
         if resume and self.path.is_file():
             try:
                 saved = json.loads(self.path.read_text())
-                saved["settings"], saved["done"]
+                earlier, done = saved["settings"], saved["done"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UsageError(f"{self.path} is not a progress record ({e}); delete it to start over") from None
-            if saved["settings"] != settings:
-                diff = sorted(k for k in settings.keys() | saved["settings"].keys()
-                              if settings.get(k) != saved["settings"].get(k))
+            if earlier != settings:
+                diff = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
                 raise UsageError(
                     f"--out {out} holds a run with other settings ({', '.join(diff)}); "
                     "rerun with the same options to resume, or give a new --out"
                 )
-            self.done = saved["done"]
+            self.done = done
 
     def stage(self, name: str, work):
         if name in self.done:
