@@ -15,10 +15,15 @@ from .runner import run as run_cli
 PROG = "matryoshka-demo"
 
 
-def _recipe_default(name: str) -> str:
-    values = {recipe: RECIPES[recipe][name] for recipe in RECIPES}
-    shown = {r: "all" if v is None else " ".join(map(str, v)) if isinstance(v, list) else v for r, v in values.items()}
-    return "default: " + ", ".join(f"{shown[r]} ({r})" for r in RECIPES)
+def _recipe_default(name: str, none: str = "all") -> str:
+    """The help text's default of an option that each ``--recipe`` sets."""
+    shown = {
+        recipe: none if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+        for recipe, v in ((r, RECIPES[r][name]) for r in RECIPES)
+    }
+    if len(set(shown.values())) == 1:
+        return f"default {next(iter(shown.values()))}"
+    return "default " + ", ".join(f"{v} with --recipe {r}" for r, v in shown.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps per dictionary ({_recipe_default('steps')})")
     p.add_argument("--save-every", type=int, default=None,
-                   help=f"steps between training checkpoints ({_recipe_default('save_every')})")
+                   help=f"steps between training checkpoints ({_recipe_default('save_every', none='only at the end')})")
     p.add_argument("--optimizer", default="signum", choices=["adam", "signum", "muon"],
                    help="sparsify optimizer (default %(default)s, sparsify's own default)")
     p.add_argument("--lr", type=float, default=None,
