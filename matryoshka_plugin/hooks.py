@@ -2,7 +2,8 @@
 
 - ``hookpoint_layer``: the layer number of an MLP hookpoint name (``layers.3.mlp``,
   ``model.layers.3.mlp``, GPT-2's ``h.3.mlp``), as sparsify names its hookpoints.
-- ``parse_layers``: a ``--layers`` value (``"0,1,2"``, ``"0-3"``) as sorted layer numbers.
+- ``parse_layers``: a ``--layers`` value (``"0,1,2"``, ``"0-3"``) as sorted layer numbers;
+  ``format_layers`` the other way, for messages (``[3, 4, 5, 9]`` -> ``3-5, 9``).
 - ``mlp_modules``: ``{layer: (hookpoint, module)}`` of every MLP in a model.
 - ``capture_mlps``: forward hooks on chosen layers' MLPs for the span of a ``with``
   block; each forward run through it returns those MLPs' inputs (and outputs), and can
@@ -59,6 +60,17 @@ def parse_layers(spec: str | list[int]) -> list[int]:
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
         raise CLTError(f"layers {spec!r} must be distinct non-negative layer numbers")
     return sorted(layers)
+
+
+def format_layers(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``3-5, 9``: a long run of layer numbers on one short line."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def mlp_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:

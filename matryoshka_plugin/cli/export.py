@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "adds the true FVU of TopK and of JumpReLU to the calibration report",
     )
     parser.add_argument("--model-name", help="model name to record in config.yaml")
+    parser.add_argument(
+        "--n-layers",
+        type=int,
+        help="the model's number of layers; layers without a coder are written as zero "
+        "transcoders (their MLP output goes to the error nodes). Default: up to the last coder",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     return parser
 
@@ -72,9 +78,16 @@ def calibration_lines(report: dict) -> list[str]:
 
 
 def _export(args) -> None:
-    from ..adapters.circuit_tracer.sparsify_export import export_transcoder_set, read_calibration
+    from ..adapters.circuit_tracer.sparsify_export import (
+        empty_layers,
+        export_transcoder_set,
+        find_coder_dirs,
+        read_calibration,
+    )
     from ..adapters.circuit_tracer.transcoder_dir import CALIBRATION_FILE, read_calibration_report
+    from ..hooks import format_layers
 
+    empty = empty_layers(find_coder_dirs(args.checkpoint_dir), args.n_layers)
     out = export_transcoder_set(
         args.checkpoint_dir,
         args.out_dir,
@@ -83,7 +96,10 @@ def _export(args) -> None:
         calibration_outputs=read_calibration(args.calibration_outputs) if args.calibration_outputs else None,
         model_name=args.model_name,
         overwrite=args.overwrite,
+        n_layers=args.n_layers,
     )
+    if empty:
+        print(f"no coder for layers {format_layers(empty)}: written as zero transcoders (their MLP output is an error node)")
     print(f"wrote {out.absolute()}")
     report = read_calibration_report(out)
     if report is not None:

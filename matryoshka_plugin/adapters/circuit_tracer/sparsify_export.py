@@ -45,13 +45,27 @@ def find_coder_dirs(checkpoint_dir: Path | str) -> dict[int, tuple[str, Path]]:
         found[layer] = (hookpoint, cfg.parent)
     if not found:
         raise ExportError(f"{root} holds no <hookpoint>/cfg.json coder directories")
-    missing = sorted(set(range(max(found) + 1)) - set(found))
-    if missing:
-        raise ExportError(
-            f"{root} has no transcoder for layers {missing}; circuit-tracer needs one for "
-            "every layer from 0 up"
-        )
     return found
+
+
+def empty_layers(found: Mapping[int, object], n_layers: int | None) -> list[int]:
+    """Layers below ``n_layers`` (default: up to the last coder's) that have no coder.
+
+    circuit-tracer needs a transcoder for every model layer from 0 up; the export writes
+    these as zero transcoders, so no latent fires there and the layer's MLP output goes
+    to the error nodes, as the CLT export does for untrained layers.
+    """
+    top = max(found) + 1
+    if n_layers is None:
+        n_layers = top
+    if n_layers < top:
+        raise ExportError(f"--n-layers={n_layers} is below the coders' layers (up to {top - 1}); allowed: at least {top}")
+    return sorted(set(range(n_layers)) - set(found))
+
+
+def zero_tensors(like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A zero transcoder with the tensors (names, shapes) of an exported layer."""
+    return {name: torch.zeros_like(t) for name, t in like.items()}
 
 
 def coder_tensors(coder) -> dict[str, Tensor]:
@@ -148,8 +162,12 @@ def export_transcoder_set(
     calibration_outputs: Mapping[int, Tensor] | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
+    n_layers: int | None = None,
 ) -> Path:
     """Convert a sparsify transcoder run directory into a circuit-tracer transcoder set.
+
+    ``n_layers`` (the model's depth; default: up to the last coder's layer): layers
+    without a coder are written as zero transcoders (``empty_layers``).
 
     ``activation="topk"`` keeps sparsify's exact TopK-after-ReLU (needs the plugin's
     loader); ``"jumprelu"`` writes per-latent thresholds calibrated on ``calibration``
@@ -169,9 +187,10 @@ def export_transcoder_set(
 
     if activation not in ACTIVATIONS:
         raise ExportError(f"activation {activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
-    coder_dirs = find_coder_dirs(checkpoint_dir)
-    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in coder_dirs.items()}
-    first = coders[0][1]
+    found = find_coder_dirs(checkpoint_dir)
+    empty = empty_layers(found, n_layers)
+    coders = {layer: (hp, load_coder(path)) for layer, (hp, path) in found.items()}
+    first = coders[min(coders)][1]
     width, d_in, k = first.num_latents, first.d_in, first.cfg.k
     sizes = coder_nested_sizes(first)
     for layer, (hp, coder) in coders.items():
@@ -227,6 +246,8 @@ def export_transcoder_set(
                 y = None if calibration_outputs is None else calibration_outputs[layer]
                 agreement[str(layer)] = jumprelu_agreement(coder, calibration[layer], thresholds, y)
             save_file(tensors, str(tmp / f"layer_{layer}.safetensors"))
+        for layer in empty:  # same tensor names and shapes as the coder layers just written
+            save_file(zero_tensors(tensors), str(tmp / f"layer_{layer}.safetensors"))
         write_config_yaml(
             tmp,
             base_kind="transcoder_set",
@@ -243,6 +264,7 @@ def export_transcoder_set(
             k=k,
             source=str(Path(checkpoint_dir).absolute()),
             hookpoints={str(layer): hp for layer, (hp, _) in coders.items()},
+            empty_layers=empty,
         )
         if agreement:
             write_calibration_report(tmp, agreement, exact_layers=batch_layers)
