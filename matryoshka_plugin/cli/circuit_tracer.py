@@ -3,8 +3,8 @@
 It runs circuit-tracer's ``__main__.main`` (its argparse, subcommands, flags, help and
 defaults) with three names in that one module replaced for the span of the call:
 
-- ``argparse``: its ``ArgumentParser`` adds ``--prefix-len P [P ...]`` to the
-  ``attribute`` subcommand just before parsing (upstream builds and parses its parser
+- ``argparse``: its ``ArgumentParser`` adds ``--prefix-len P [P ...]``, ``--no-supernodes``
+  and ``--supernode-corpus`` to the ``attribute`` subcommand just before parsing (upstream builds and parses its parser
   inside ``main``, so there is no other place to add a flag);
 - ``run_attribution``: the plugin's, which also loads local transcoder directories (TopK
   kind included) and local model directories / GGUF files, and writes one graph per
@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
+from ..adapters.circuit_tracer.hierarchy import CORPUS_TOKENS
 from ..atomic import check_writable_dir
 from ..core.errors import UsageError
 from ..core.prefixes import check_prefix_len
@@ -44,6 +45,19 @@ def add_prefix_len_argument(attr_parser: argparse.ArgumentParser) -> None:
         help="Matryoshka prefix lengths: one graph per P with latents >= P zeroed after "
         "the activation (their part goes to the error nodes); slugs and .pt paths get "
         "a -pP suffix. --transcoder_set and --model also accept local paths.",
+    )
+    attr_parser.add_argument(
+        "--no-supernodes",
+        action="store_true",
+        help="Do not group the nodes of each finer graph into supernodes by their coarse parent "
+        "(on by default with several --prefix-len and graph files).",
+    )
+    attr_parser.add_argument(
+        "--supernode-corpus",
+        metavar="FILE",
+        default=None,
+        help="UTF-8 text on which parents are also scored by co-activation "
+        f"(|cosine| * overlap, first {CORPUS_TOKENS} tokens); without it, by decoder |cosine| alone.",
     )
 
 
@@ -88,9 +102,11 @@ def run_attribution(args, parser) -> None:
         write_graph_files,
         write_scores,
     )
+    from ..adapters.circuit_tracer.hierarchy import read_corpus, write_hierarchy
     from ..adapters.circuit_tracer.loading import load_transcoders, nested_sizes_of, warn_if_not_matryoshka
     from ..adapters.circuit_tracer.local_model import load_replacement_model
-    from ..adapters.circuit_tracer.prefix_transcoders import transcoder_width
+    from ..adapters.circuit_tracer.prefix_transcoders import level_decoder_sizes, transcoder_width
+    from ..core.level_decoders import decoder_note
 
     if bool(args.slug) != bool(args.graph_file_dir):
         which, missing = ("slug", "graph_file_dir") if args.slug else ("graph_file_dir", "slug")
@@ -107,6 +123,13 @@ def run_attribution(args, parser) -> None:
             raise UsageError(f"--graph_output_path {args.graph_output_path} is a directory; give a .pt file path")
     if create_files:
         check_writable_dir(args.graph_file_dir)
+    supernodes = create_files and len(args.prefix_len or ()) > 1 and not args.no_supernodes
+    if args.supernode_corpus and not supernodes:
+        raise UsageError(
+            "--supernode-corpus is used only for supernodes: give several --prefix-len, "
+            "--slug and --graph_file_dir, and no --no-supernodes"
+        )
+    texts = read_corpus(args.supernode_corpus) if args.supernode_corpus else None
     dtype = getattr(torch, DTYPES.get(args.dtype, args.dtype))
 
     transcoders, config = load_transcoders(args.transcoder_set, dtype, args.lazy_encoder, args.lazy_decoder)
@@ -119,6 +142,10 @@ def run_attribution(args, parser) -> None:
         if len(set(prefix_lens)) != len(prefix_lens):
             raise UsageError(f"--prefix-len {prefix_lens} repeats a value; give each once")
         warn_if_not_matryoshka(config, prefix_lens)
+        for p in prefix_lens:
+            note = decoder_note(p, level_decoder_sizes(transcoders), width)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=1)
     model_spec = args.model or config.get("model_name")
     if not model_spec:
         parser.error("--model must be specified when not provided in transcoder config")
@@ -137,7 +164,7 @@ def run_attribution(args, parser) -> None:
         offload=args.offload,
         max_feature_nodes=args.max_feature_nodes,
     )
-    rows = score_rows(results, width, nested_sizes_of(config))
+    rows = score_rows(results, width, nested_sizes_of(config), level_decoder_sizes(transcoders))
     print(f"{'prefix_len':>10} {'replacement':>12} {'completeness':>13} {'seconds':>8}")
     for r in results:
         p = r.prefix_len
@@ -146,9 +173,10 @@ def run_attribution(args, parser) -> None:
     if args.graph_output_path:
         save_graphs(results, rows, args.graph_output_path)
     if create_files:
-        write_graph_files(
-            graph_file_entries(args.slug, results, rows), args.graph_file_dir, args.node_threshold, args.edge_threshold
-        )
+        entries = graph_file_entries(args.slug, results, rows)
+        graphs = [(slug, r.prefix_len) for (slug, _, _), r in zip(entries, results)]
+        annotate = (lambda tmp: write_hierarchy(tmp, graphs, model, texts)) if supernodes else None
+        write_graph_files(entries, args.graph_file_dir, args.node_threshold, args.edge_threshold, annotate)
         write_scores(Path(args.graph_file_dir) / f"{args.slug}.scores.json", rows)
         logging.info(f"Graph JSON files written to {args.graph_file_dir}")
 

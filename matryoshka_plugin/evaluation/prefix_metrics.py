@@ -2,7 +2,8 @@
 
 A prefix model of length P is the full coder with every latent >= P switched off after
 the activation (TopK over the full width, then truncation), as in
-``core.truncation.truncate_sparse``.
+``core.truncation.truncate_sparse``. A coder trained with ``nested_decoders`` decodes a
+prefix with the decoder trained for it (``core.level_decoders.decoder_level``).
 """
 
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core.errors import UsageError
+from ..core.level_decoders import decoder_level
+from ..core.nested import prefix_decodes
 from ..core.prefixes import check_prefix_len, default_prefix_ladder
 from ..core.truncation import truncate_sparse
 
@@ -45,13 +48,30 @@ def _skip(coder, x: Tensor):
     return x.to(coder.dtype) @ coder.W_skip.mT if coder.W_skip is not None else 0
 
 
+def level_decoder_sizes(coder) -> list[int]:
+    """The nested sizes below the width that have their own decoder (``nested_decoders``)."""
+    return [int(W.shape[0]) for W in getattr(coder, "W_dec_levels", ())]
+
+
+def prefix_decode(coder, top_acts: Tensor, top_indices: Tensor, prefix_len: int) -> Tensor:
+    """Decode the latents below ``prefix_len`` (no skip term) with the decoder that serves
+    that prefix: the level's own under ``nested_decoders``, else the full decoder."""
+    sizes = level_decoder_sizes(coder)
+    level = decoder_level(prefix_len, sizes, coder.num_latents)
+    if level == coder.num_latents:
+        return coder.decode(*truncate_sparse(top_acts, top_indices, prefix_len))
+    i = sizes.index(level)
+    W, b_offset = coder.W_dec_levels[i], coder.b_dec_levels[i]
+    recon = prefix_decodes(top_acts, top_indices, [W], [prefix_len])[:, 0]
+    return recon + coder.b_dec + b_offset
+
+
 @torch.no_grad()
 def reconstruct(coder, x: Tensor, prefix_len: int | None = None) -> Tensor:
     """The coder's output for ``x`` with latents >= ``prefix_len`` switched off."""
     top_acts, top_indices, _ = coder.encode(x)
-    if prefix_len is not None and prefix_len < coder.num_latents:
-        top_acts, top_indices = truncate_sparse(top_acts, top_indices, prefix_len)
-    return coder.decode(top_acts, top_indices) + _skip(coder, x)
+    p = coder.num_latents if prefix_len is None else prefix_len
+    return prefix_decode(coder, top_acts, top_indices, p) + _skip(coder, x)
 
 
 @torch.no_grad()
@@ -106,10 +126,9 @@ def prefix_curve(
         top_acts, top_indices, _ = coder.encode(xc)
         skip = _skip(coder, xc)
         for i, p in enumerate(lens):
-            acts, idx = truncate_sparse(top_acts, top_indices, p)
-            recon = coder.decode(acts, idx) + skip
+            recon = prefix_decode(coder, top_acts, top_indices, p) + skip
             sse[i] += (yc - recon).double().pow(2).sum()
-            active[i] += (acts > 0).sum()
+            active[i] += ((top_acts > 0) & (top_indices < p)).sum()
             if sl.start < n_rsa:
                 rsa_recons[i].append(recon[: n_rsa - sl.start].float())
     n, d = y.shape

@@ -6,30 +6,37 @@
   per prefix length (``slug-pP``), whose ``graph-metadata.json`` entries also carry the
   prefix length, nested sizes and scores (the frontend ignores unknown keys; ``.pt``
   files cannot hold them: ``Graph.from_pt`` refuses extra keys);
-- ``*.scores.json``: one row per prefix length.
+- ``*.scores.json``: one row per prefix length;
+- with supernodes (``hierarchy``), ``qParams.supernodes`` in each fine graph file and its
+  ``<slug>.hierarchy.json`` sidecar, written into the same all-or-nothing directory swap.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ...atomic import atomic_dir, atomic_write, atomic_write_text, link_missing
 from ...core.errors import UsageError
+from ...core.level_decoders import decoder_level
 from .attribution import PrefixGraph
 
 METADATA_FILE = "graph-metadata.json"
 
 
-def score_rows(results: Sequence[PrefixGraph], width: int, nested_sizes: list[int] | None) -> list[dict]:
-    """One JSON row per prefix length: scores, timing and graph size."""
+def score_rows(
+    results: Sequence[PrefixGraph], width: int, nested_sizes: list[int] | None, level_sizes: Sequence[int] = ()
+) -> list[dict]:
+    """One JSON row per prefix length: scores, timing, graph size, and the nested size
+    whose decoder the graph used (``decoder_prefix_len``; the width: the full decoder)."""
     return [
         {
             "prefix_len": r.prefix_len,
             "width": width,
             "nested_sizes": nested_sizes,
+            "decoder_prefix_len": decoder_level(r.prefix_len or width, level_sizes, width),
             "replacement_score": r.replacement,
             "completeness_score": r.completeness,
             "attribution_seconds": r.seconds,
@@ -70,8 +77,16 @@ def graph_file_entries(slug: str, results: Sequence[PrefixGraph], rows: list[dic
     return entries
 
 
-def write_graph_files(entries, graph_file_dir, node_threshold: float, edge_threshold: float) -> None:
+def write_graph_files(
+    entries,
+    graph_file_dir,
+    node_threshold: float,
+    edge_threshold: float,
+    annotate: Callable[[Path], object] | None = None,
+) -> None:
     """``create_graph_files`` for each ``(slug, graph, extra_metadata)``, all or nothing.
+
+    ``annotate(dir)`` runs on the new graph files before the swap (the supernodes).
 
     The new directory is built beside the old one and swapped in whole
     (``atomic.atomic_dir``): an existing data directory keeps its other graphs (hard
@@ -92,6 +107,8 @@ def write_graph_files(entries, graph_file_dir, node_threshold: float, edge_thres
                 node_threshold=node_threshold,
                 edge_threshold=edge_threshold,
             )
+        if annotate is not None:
+            annotate(tmp)
         meta_path = tmp / METADATA_FILE
         new = json.loads(meta_path.read_text())["graphs"]
         extra = {slug: e for slug, _, e in entries}

@@ -5,7 +5,8 @@ so that a missing or corrupt file is a one-line ``CheckpointError``, then loaded
 circuit-tracer's own ``load_transcoder_set`` / ``load_clt``; the plugin's TopK kind gets
 its ``TopKReLU``. Anything else is a hub name for circuit-tracer's
 ``load_transcoder_from_hub``. Cross-layer transcoders always come back as
-``PrefixCrossLayerTranscoder``.
+``PrefixCrossLayerTranscoder``. Level decoders (``nested_decoders`` exports) are attached
+to each per-layer transcoder for ``prefix_transcoders`` to swap in at their prefix.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 
 from ...core.errors import CheckpointError, ExportError, UsageError
 from .activations import TopKReLU
-from .transcoder_dir import CONFIG_FILE, base_model_kind, read_nested_sizes
-from .prefix_transcoders import Transcoders, as_prefix_clt
+from .transcoder_dir import CONFIG_FILE, base_model_kind, level_decoder_keys, level_decoder_path, read_nested_sizes
+from .prefix_transcoders import Transcoders, as_prefix_clt, attach_level_decoders
 
 
 def _check_safetensors(path: Path, keys: Sequence[str]) -> None:
@@ -125,7 +126,33 @@ def load_transcoders_dir(
     record = config["matryoshka"]
     if record is not None and record.get("width") not in widths:
         raise CheckpointError(f"{root / 'matryoshka.json'} says width {record.get('width')}, the tensors have {sorted(widths)}")
+    sizes = (record or {}).get("level_decoders") or []
+    if sizes:
+        if kind != "transcoder_set":
+            raise CheckpointError(f"{root / 'matryoshka.json'} lists level decoders; only per-layer transcoders have them")
+        for layer, transcoder in enumerate(transcoders):
+            attach_level_decoders(transcoder, _read_level_decoders(root, layer, sizes, transcoder.d_model))
     return transcoders, config
+
+
+def _read_level_decoders(root: Path, layer: int, sizes: Sequence[int], d_model: int) -> dict[int, tuple]:
+    """``{P: (W_dec [P, d], b_dec [d])}`` of one layer, each checked against its shape."""
+    from safetensors.torch import load_file
+
+    path = level_decoder_path(root, layer)
+    keys = [k for s in sizes for k in level_decoder_keys(s)]
+    _check_safetensors(path, keys)
+    tensors = load_file(str(path))
+    out = {}
+    for s in sizes:
+        w_key, b_key = level_decoder_keys(s)
+        W, b = tensors[w_key], tensors[b_key]
+        if tuple(W.shape) != (s, d_model) or tuple(b.shape) != (d_model,):
+            raise CheckpointError(
+                f"{path}: {w_key} {tuple(W.shape)} / {b_key} {tuple(b.shape)}; expected ({s}, {d_model}) / ({d_model},)"
+            )
+        out[int(s)] = (W, b)
+    return out
 
 
 def load_transcoders(

@@ -8,6 +8,11 @@ nodes and the graph stays a faithful replacement model.
 - Per-layer transcoders: each ``SingleLayerTranscoder.activation_function`` is wrapped
   in ``core.truncation.PrefixActivation``; every path (``encode_sparse``,
   ``encode_layer``, ``apply_activation_function``) goes through it.
+- Level decoders (``nested_decoders`` exports, attached by ``attach_level_decoders``): at
+  prefix P each per-layer transcoder decodes with the decoder that serves P
+  (``core.level_decoders.decoder_level``: the level's own at a nested size, the next
+  level's between sizes), swapped in for ``W_dec`` / ``b_dec``; the error nodes absorb
+  whatever it misses, so the graph stays exact.
 - Cross-layer transcoders: ``PrefixCrossLayerTranscoder`` (a subclass swapped in by
   ``as_prefix_clt``; no new parameters) truncates in ``encode`` and
   ``apply_activation_function`` and fixes two upstream bugs that small prefixes expose
@@ -20,10 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 from circuit_tracer.transcoder.single_layer_transcoder import TranscoderSet
 from torch import Tensor
 
+from ...core.level_decoders import decoder_level
 from ...core.prefixes import check_prefix_len
 from ...core.truncation import PrefixActivation, truncate_dense
 
@@ -104,10 +111,59 @@ def get_prefix_len(obj) -> int | None:
     return act.prefix_len if isinstance(act, PrefixActivation) else None
 
 
+LEVELS_ATTR = "matryoshka_level_decoders"
+"""A per-layer transcoder's ``{P: (W_dec [P, d], b_dec [d])}`` (a plain attribute: not in
+its state dict, so circuit-tracer's own saving and loading never see it)."""
+_FULL_ATTR = "_matryoshka_full_decoder"
+
+
+def attach_level_decoders(transcoder, levels: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Give a ``SingleLayerTranscoder`` its level decoders, swapped in by ``set_prefix_len``."""
+    object.__setattr__(transcoder, LEVELS_ATTR, dict(levels))
+
+
+def level_decoder_sizes(obj) -> list[int]:
+    """The prefix lengths with their own decoder in a model or transcoders ([] if none)."""
+    tc = _transcoders_of(obj)
+    if isinstance(tc, CrossLayerTranscoder):
+        return []
+    return sorted(getattr(tc[0], LEVELS_ATTR, {}))
+
+
+def _use_decoder(transcoder, prefix_len: int | None) -> None:
+    """Put the decoder that serves ``prefix_len`` in ``W_dec`` / ``b_dec`` (None: the full one)."""
+    levels = getattr(transcoder, LEVELS_ATTR, None)
+    if not levels:
+        return
+    full = transcoder.__dict__.pop(_FULL_ATTR, None)
+    if full is not None:
+        W_dec, b_dec, lazy = full
+        del transcoder._parameters["W_dec"]
+        if W_dec is not None:
+            transcoder._parameters["W_dec"] = W_dec
+        transcoder.b_dec, transcoder.lazy_decoder = b_dec, lazy
+    width = transcoder.d_transcoder
+    level = width if prefix_len is None else decoder_level(prefix_len, list(levels), width)
+    if level == width:
+        return
+    W, b = levels[level]
+    device, dtype = transcoder.b_dec.device, transcoder.b_dec.dtype
+    transcoder.__dict__[_FULL_ATTR] = (transcoder._parameters.get("W_dec"), transcoder.b_dec, transcoder.lazy_decoder)
+    # Rows >= level stay zero: latents there are truncated away whenever this decoder is in.
+    padded = torch.zeros(width, transcoder.d_model, device=device, dtype=dtype)
+    padded[:level] = W.to(device, dtype)
+    # Straight into _parameters: Module.__setattr__'s hasattr check would read a lazy W_dec.
+    transcoder._parameters["W_dec"] = nn.Parameter(padded, requires_grad=False)
+    transcoder.b_dec = nn.Parameter(b.to(device, dtype), requires_grad=False)
+    # A lazy transcoder reads W_dec from its file; the level decoder lives in memory.
+    transcoder.lazy_decoder = False
+
+
 def set_prefix_len(obj, prefix_len: int | None) -> None:
     """Truncate a ``ReplacementModel``'s (or transcoders') latents to ``prefix_len``.
 
-    ``None`` restores the full width. Raises ``UsageError`` unless 1 <= P <= width.
+    ``None`` restores the full width (and the full decoder). Raises ``UsageError`` unless
+    1 <= P <= width.
     """
     tc = _transcoders_of(obj)
     if prefix_len is not None:
@@ -118,6 +174,7 @@ def set_prefix_len(obj, prefix_len: int | None) -> None:
     if not isinstance(tc, TranscoderSet):
         raise TypeError(f"expected a TranscoderSet or CrossLayerTranscoder, got {type(tc).__name__}")
     for transcoder in tc:
+        _use_decoder(transcoder, prefix_len)
         act = transcoder.activation_function
         if prefix_len is None:
             # Unwrap, so that upstream's isinstance(JumpReLU) checks (to_safetensors)

@@ -22,7 +22,14 @@ from torch import Tensor
 from ...atomic import atomic_dir
 from ...core.errors import ExportError, UsageError
 from ...hooks import hookpoint_layer
-from .transcoder_dir import ACTIVATIONS, write_calibration_report, write_config_yaml, write_nested_sizes
+from .transcoder_dir import (
+    ACTIVATIONS,
+    level_decoder_keys,
+    level_decoder_path,
+    write_calibration_report,
+    write_config_yaml,
+    write_nested_sizes,
+)
 
 
 # -- finding and converting sparsify coders ----------------------------------------------
@@ -84,6 +91,17 @@ def coder_tensors(coder) -> dict[str, Tensor]:
     if coder.W_skip is not None:
         tensors["W_skip"] = coder.W_skip.detach()
     return {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+
+
+def coder_level_decoders(coder) -> dict[str, Tensor]:
+    """A ``nested_decoders`` coder's level decoders, each with its full bias (the shared
+    ``b_dec`` plus the level's offset, as the coder's training forward adds them)."""
+    tensors = {}
+    for W, b_offset in zip(getattr(coder, "W_dec_levels", ()), getattr(coder, "b_dec_levels", ())):
+        w_key, b_key = level_decoder_keys(W.shape[0])
+        tensors[w_key] = W.detach().float().contiguous().cpu()
+        tensors[b_key] = (coder.b_dec + b_offset).detach().float().contiguous().cpu()
+    return tensors
 
 
 def coder_nested_sizes(coder) -> list[int] | None:
@@ -181,6 +199,10 @@ def export_transcoder_set(
     the BatchTopK layers, calibrated ones for the TopK layers. The plugin's TopK kind puts
     one ``TopKReLU(k)`` on every layer, so ``"topk"`` refuses such a set (and one whose
     layers differ in ``k``).
+
+    A coder trained with ``nested_decoders`` also exports each level's decoder
+    (``transcoder_dir.LEVEL_DECODER_DIR``); the layer files keep the full decoder, so
+    stock circuit-tracer loads the directory as before.
     """
     from ..sparsify import load_coder
     from .activations import calibrate_jumprelu_thresholds, jumprelu_agreement
@@ -204,6 +226,10 @@ def export_transcoder_set(
             raise ExportError(f"{hp}: nested sizes {coder_nested_sizes(coder)} differ from layer 0's {sizes}")
         if getattr(coder.cfg, "activation", "topk") != "topk":
             raise ExportError(f"{hp}: activation {coder.cfg.activation!r} cannot be exported; allowed: topk")
+    level_sizes = [int(W.shape[0]) for W in getattr(first, "W_dec_levels", ())]
+    for hp, coder in coders.values():
+        if [int(W.shape[0]) for W in getattr(coder, "W_dec_levels", ())] != level_sizes:
+            raise ExportError(f"{hp}: its level decoders differ from layer 0's ({level_sizes}); train all layers alike")
     batch_layers = sorted(layer for layer, (_, c) in coders.items() if batch_topk_threshold(c) is not None)
     topk_layers = sorted(set(coders) - set(batch_layers))
     if activation == "topk" and batch_layers and topk_layers:
@@ -246,8 +272,14 @@ def export_transcoder_set(
                 y = None if calibration_outputs is None else calibration_outputs[layer]
                 agreement[str(layer)] = jumprelu_agreement(coder, calibration[layer], thresholds, y)
             save_file(tensors, str(tmp / f"layer_{layer}.safetensors"))
+            levels = coder_level_decoders(coder) if level_sizes else None
+            if levels:
+                level_decoder_path(tmp, layer).parent.mkdir(exist_ok=True)
+                save_file(levels, str(level_decoder_path(tmp, layer)))
         for layer in empty:  # same tensor names and shapes as the coder layers just written
             save_file(zero_tensors(tensors), str(tmp / f"layer_{layer}.safetensors"))
+            if levels:
+                save_file(zero_tensors(levels), str(level_decoder_path(tmp, layer)))
         write_config_yaml(
             tmp,
             base_kind="transcoder_set",
@@ -264,6 +296,7 @@ def export_transcoder_set(
             k=k,
             source=str(Path(checkpoint_dir).absolute()),
             hookpoints={str(layer): hp for layer, (hp, _) in coders.items()},
+            level_decoders=level_sizes,
             empty_layers=empty,
         )
         if agreement:

@@ -3,7 +3,9 @@
 circuit-tracer reads a directory holding ``config.yaml`` and, for per-layer
 transcoders, ``layer_{i}.safetensors`` (cross-layer: ``W_enc_{i}`` / ``W_dec_{i}``
 files). The plugin adds its own TopK model kinds (``topk_k`` rides along in
-``config.yaml``) and ``matryoshka.json``, the nested-size record. Both exports
+``config.yaml``), ``matryoshka.json``, the nested-size record, and for coders trained with
+``nested_decoders`` each level's own decoder in ``level_decoders/layer_{i}.safetensors``
+(a subdirectory, which circuit-tracer never reads: it loads the full-width files). Both exports
 (``sparsify_export``, ``clt_export``) write this format and ``loading`` reads it; this
 module needs neither circuit-tracer nor sparsify.
 """
@@ -20,6 +22,8 @@ from ...core.errors import ExportError
 from ...hooks import hookpoint_layer
 
 NESTED_SIZES_FILE = "matryoshka.json"
+#: Per-layer files of the level decoders: ``W_dec_{P} [P, d]`` and ``b_dec_{P} [d]`` per level P.
+LEVEL_DECODER_DIR = "level_decoders"
 CONFIG_FILE = "config.yaml"
 #: How far a calibrated JumpReLU export is from the TopK code it replaces, per layer.
 CALIBRATION_FILE = "jumprelu_calibration.json"
@@ -119,6 +123,14 @@ def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
+
+def level_decoder_path(transcoder_dir: Path | str, layer: int) -> Path:
+    """Where layer ``layer``'s level decoders live in a transcoder directory."""
+    return Path(transcoder_dir) / LEVEL_DECODER_DIR / f"layer_{layer}.safetensors"
+
+def level_decoder_keys(size: int) -> tuple[str, str]:
+    """The tensor names of level ``size``'s decoder and its full bias."""
+    return f"W_dec_{size}", f"b_dec_{size}"
 
 def write_calibration_report(out_dir: Path | str, layers: dict[str, dict], exact_layers: list[int]) -> None:
     """Record ``jumprelu_agreement`` per calibrated layer in ``jumprelu_calibration.json``.

@@ -26,7 +26,6 @@ from ...core import (
     level_decodes,
     nested_fvu,
     prefix_decodes,
-    truncate_sparse,
 )
 from ...core.batch_topk import batch_topk, encode_pre_acts, threshold_select
 from ...core.prefixes import level_weights, with_bias_level
@@ -225,7 +224,8 @@ class MatryoshkaSparseCoder(SparseCoder):
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
     def prefix_fvu(self, x: Tensor, y: Tensor | None = None, prefix_lens=None) -> dict:
-        """FVU of the full coder truncated to each prefix length (default: nested sizes)."""
+        """FVU of the coder truncated to each prefix length (default: nested sizes), each
+        decoded by the decoder trained for it (``evaluation.prefix_metrics.prefix_decode``)."""
         return prefix_fvu(self, x, y, prefix_lens or self.nested_sizes)
 
     # -- decoder normalisation, extended to the prefix-specific decoders ---------
@@ -276,15 +276,17 @@ class MatryoshkaSparseCoder(SparseCoder):
 def prefix_fvu(
     coder: SparseCoder, x: Tensor, y: Tensor | None, prefix_lens
 ) -> dict[int, float]:
-    """FVU at each prefix length: TopK over the full width, then latents >= P zeroed."""
+    """FVU at each prefix length: TopK over the full width, then latents >= P zeroed, decoded
+    by the decoder that serves P (a level's own under ``nested_decoders``)."""
+    from ...evaluation.prefix_metrics import prefix_decode
+
     y = x if y is None else y
     top_acts, top_indices, _ = coder.encode(x)
     skip = x.to(coder.dtype) @ coder.W_skip.mT if coder.W_skip is not None else 0
     total_variance = (y - y.mean(0)).pow(2).sum()
     result = {}
     for p in prefix_lens:
-        acts, idx = truncate_sparse(top_acts, top_indices, p)
-        recon = coder.decode(acts, idx) + skip
+        recon = prefix_decode(coder, top_acts, top_indices, p) + skip
         result[int(p)] = float((y - recon).pow(2).sum() / total_variance)
     return result
 
