@@ -240,7 +240,9 @@ def run_server(args) -> None:
     run_server.server = server  # lets tests reach the running server
     logging.info(f"Serving the Matryoshka viewer for {Path(args.graph_file_dir).absolute()} at {server.url}")
     extra = " with graphs on demand" if computer else ""
-    print(f"Matryoshka viewer{extra}: {server.url} (Ctrl+C to stop)", flush=True)
+    # Browsers map localhost to loopback themselves; the name is the one users know.
+    url = server.url.replace("//127.0.0.1:", "//localhost:")
+    print(f"Matryoshka viewer{extra}: {url} (listening on {host}; Ctrl+C to stop)", flush=True)
     try:
         while True:
             time.sleep(1)
