@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,8 @@ def test_prompt_box_in_the_browser(tiny, computer):
             page.wait_for_function("() => window.matryoshkaViewer.lastRendered && matryoshkaViewer.lastRendered.endsWith('-p8')", timeout=300_000)
             page.wait_for_selector(".link-graph text.node")
             assert "Computed 2 graphs" in page.inner_text(".mv-compute-msg")
+            if os.environ.get("MATRYOSHKA_VIEWER_SHOTS"):  # keep a tiny-model figure
+                page.screenshot(path=str(Path(os.environ["MATRYOSHKA_VIEWER_SHOTS"]) / "on-demand.png"))
             assert page.eval_on_selector_all(".mv-prefix", "b => b.map(e => +e.dataset.p)") == [8, 32]
             progress = page.evaluate("window.__progress")
             assert any(t.startswith("computing P=8 (1 of 2)") for t in progress), progress
