@@ -15,7 +15,6 @@ Needs: apt-get install -y chromium; pip install playwright (never `playwright in
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,10 +22,11 @@ import pytest
 
 from tiny import PROMPT, build_exported_transcoders
 
+# browser_page: the same chromium page, served from this module's graph_dir.
 try:
-    from .test_viewer_browser import CHROMIUM, CHROMIUM_FLAGS
+    from .test_viewer_browser import _click_node, _dom_nodes, _renders, browser_page  # noqa: F401
 except ImportError:
-    from test_viewer_browser import CHROMIUM, CHROMIUM_FLAGS
+    from test_viewer_browser import _click_node, _dom_nodes, _renders, browser_page  # noqa: F401
 
 PREFIXES = [8, 16, 32]
 FEATURE = "cross layer transcoder"
@@ -131,49 +131,12 @@ def _load(graph_dir, p):
     return graph, json.loads(side.read_text()) if side.is_file() else None
 
 
-@pytest.fixture(scope="module")
-def browser_page(graph_dir, tmp_path_factory):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    from matryoshka_plugin.viewer import serve_graphs
-
-    server = serve_graphs(graph_dir, port=0)
-    events = {"requests": [], "failed": [], "errors": []}
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.on("request", lambda r: events["requests"].append(r.url))
-        page.on("requestfailed", lambda r: events["failed"].append(f"{r.url} {r.failure}"))
-        page.on("response", lambda r: r.status >= 400 and events["failed"].append(f"{r.url} {r.status}"))
-        page.on("console", lambda m: m.type == "error" and events["errors"].append(m.text))
-        page.on("pageerror", lambda e: events["errors"].append(str(e)))
-        shots = Path(os.environ.get("MATRYOSHKA_VIEWER_SHOTS") or tmp_path_factory.mktemp("screenshots"))
-        shots.mkdir(parents=True, exist_ok=True)
-        yield page, server, events, shots
-        browser.close()
-    server.stop()
-
-
-def _renders(page):
-    return page.evaluate("window.matryoshkaViewer ? matryoshkaViewer.renders : 0")
-
-
 def _wait_rendered(page, slug, n):
     page.wait_for_function(
         "([s, n]) => window.matryoshkaViewer && matryoshkaViewer.lastRendered === s && matryoshkaViewer.renders > n",
         arg=[slug, n])
     page.wait_for_selector(".link-graph text.node")
     page.wait_for_selector(".mv-group-info:not(:empty)")
-
-
-def _dom_nodes(page):
-    return page.evaluate("[...document.querySelectorAll('.link-graph text.node')].map(e => d3.select(e).datum().nodeId)")
-
-
-def _click_node(page, node_id, ctrl=False):
-    i = _dom_nodes(page).index(node_id)
-    page.locator(".link-graph text.node").nth(i).click(force=True, modifiers=["Control"] if ctrl else [])
 
 
 def _pins(page):
