@@ -10,7 +10,8 @@ defaults) with three names in that one module replaced for the span of the call:
   kind included) and local model directories / GGUF files, and writes one graph per
   prefix length;
 - ``run_server`` (``start-server``, ``attribute --server``): the plugin's multi-level
-  offline viewer.
+  offline viewer; ``start-server`` also gets ``--host``, and ``--model``,
+  ``--transcoder_set`` and ``--prefix-len`` for graphs on demand.
 """
 
 from __future__ import annotations
@@ -61,10 +62,29 @@ def add_prefix_len_argument(attr_parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _attribute_subparser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser | None:
+def add_start_server_arguments(server_parser: argparse.ArgumentParser) -> None:
+    server_parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="Address to listen on (default 127.0.0.1: this machine only).",
+    )
+    server_parser.add_argument(
+        "--model", default=None,
+        help="Model (dir, .gguf or name) for graphs on demand; default: the transcoder set's.",
+    )
+    server_parser.add_argument(
+        "--transcoder_set", default=None,
+        help="Transcoder dir or hub name: turns on graphs on demand (a prompt box in the page).",
+    )
+    server_parser.add_argument(
+        "--prefix-len", type=int, nargs="+", metavar="P", default=None,
+        help="Prefix lengths the prompt box offers first (default: the nested sizes).",
+    )
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and "attribute" in action.choices:
-            return action.choices["attribute"]
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
     return None
 
 
@@ -74,9 +94,10 @@ def _argparse_with_prefix_len(argv: list[str] | None) -> SimpleNamespace:
 
     class ArgumentParser(argparse.ArgumentParser):
         def parse_args(self, args=None, namespace=None):
-            attr = _attribute_subparser(self)
+            attr = _subparser(self, "attribute")
             if attr is not None:
                 add_prefix_len_argument(attr)
+                add_start_server_arguments(_subparser(self, "start-server"))
                 if args is None:
                     args = argv
             return super().parse_args(args, namespace)

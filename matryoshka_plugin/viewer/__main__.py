@@ -29,14 +29,9 @@ def _texts(corpus: str) -> list[str]:
 
 def load_model(transcoder_set: str, model: str | None):
     """The ReplacementModel for ``build``: local dirs, GGUF or the offline SmolLM2 name."""
-    from ..adapters.circuit_tracer.loading import load_transcoders
-    from ..adapters.circuit_tracer.local_model import load_replacement_model
+    from .compute import load_model_and_config
 
-    transcoders, config = load_transcoders(transcoder_set, lazy_encoder=False, lazy_decoder=False)
-    spec = model or config.get("model_name")
-    if not spec:
-        raise ValueError("--model is needed: the transcoder set names no model")
-    return load_replacement_model(spec, transcoders)
+    return load_model_and_config(transcoder_set, model)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
