@@ -17,7 +17,10 @@ import subprocess
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from .asset_cache import cache_dir
 from .atomic import atomic_dir, atomic_write_text
@@ -224,3 +227,22 @@ def austen_dataset(
     return chunk_and_tokenize(
         Dataset.from_dict(rows), tokenizer, max_seq_len=ctx_len, num_proc=num_proc
     )
+
+
+def corpus_chunks(tokenizer, texts: Iterable[str], n_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Token-id chunks of ``seq_len`` (BOS first, as circuit-tracer prompts) covering ``n_tokens``."""
+    bos = tokenizer.bos_token_id
+    body = seq_len - (1 if bos is not None else 0)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= n_tokens:
+            break
+    ids = ids[:n_tokens]
+    if len(ids) < body:
+        raise UsageError(f"the corpus has {len(ids)} tokens; at least {body} are needed")
+    chunks = []
+    for start in range(0, len(ids) - body + 1, body):
+        part = ids[start : start + body]
+        chunks.append(torch.tensor(([bos] if bos is not None else []) + part))
+    return chunks

@@ -18,7 +18,7 @@ from matryoshka_plugin.adapters.circuit_tracer.hierarchy import (
     hierarchy_sidecar,
     with_supernodes,
 )
-from matryoshka_plugin.viewer.decomposition import coactivation_counts
+from matryoshka_plugin.core.decomposition import coactivation_counts
 
 from test_viewer_decomposition import planted
 

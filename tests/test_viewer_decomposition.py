@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from matryoshka_plugin.viewer.decomposition import (
+from matryoshka_plugin.core.decomposition import (
     appears_at,
     coactivation_counts,
     decompose,

@@ -31,7 +31,7 @@ from matryoshka_plugin.adapters.circuit_tracer.hierarchy import assign_parents
 from matryoshka_plugin.evaluation import reorder_by_mean_squared_activation
 from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.toy import ToyConfig, ToyModel, dense_codes, feature_cosines
-from matryoshka_plugin.viewer.decomposition import coactivation_counts
+from matryoshka_plugin.core.decomposition import coactivation_counts
 
 HERE = Path(__file__).resolve().parent
 CODERS = {"matryoshka": {"matryoshka": True, "prefix_schedule": "fixed"}, "topk": {"matryoshka": False}}

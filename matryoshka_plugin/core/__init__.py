@@ -3,7 +3,10 @@
 ``config`` (the options), ``prefixes`` (checking prefix lengths, default ladders, levels),
 ``schedules`` (fixed/pareto/uniform prefixes), ``nested`` (one-decode nested loss),
 ``batch_topk``, ``truncation`` (zeroing latents beyond P), ``cross_layer`` (the CLT nested
-loss), ``errors`` (the plugin's one error hierarchy).
+loss), ``edge_scores`` (virtual weights, ERA/TWERA of global graphs), ``decomposition``
+(which latents beyond P refine a feature), ``level_decoders`` (which decoder a prefix
+uses), ``plain_state`` (reading state files as data), ``field_types`` (config field
+checks), ``errors`` (the plugin's one error hierarchy).
 """
 
 from .config import (

@@ -148,6 +148,8 @@ class GraphComputer:
 
     def _run(self, job_id: int, prompt: str, lens: list[int], slug: str) -> None:
         from ..adapters.circuit_tracer.attribution import attribute_prefixes, reusing_setup_forward
+        from ..adapters.circuit_tracer.hierarchy import write_hierarchy
+        from ..adapters.circuit_tracer.prefix_transcoders import level_decoder_sizes
         from ..adapters.circuit_tracer.graph_files import (
             graph_file_entries,
             score_rows,
@@ -164,9 +166,12 @@ class GraphComputer:
                     self._update(job_id, done=i, current=p)
                     results += attribute_prefixes(prompt, self.model, [p], **self.attribution)
             self._update(job_id, done=len(lens), current=None)
-            rows = score_rows(results, self.width, self.nested_sizes)
+            rows = score_rows(results, self.width, self.nested_sizes, level_decoder_sizes(self.model))
             entries = graph_file_entries(slug, results, rows)
-            write_graph_files(entries, self.graph_dir, self.node_threshold, self.edge_threshold)
+            # Supernodes from the nesting, as `attribute` writes them for several lengths.
+            graphs = [(s, r.prefix_len) for (s, _, _), r in zip(entries, results)]
+            annotate = (lambda tmp: write_hierarchy(tmp, graphs, self.model)) if len(lens) > 1 else None
+            write_graph_files(entries, self.graph_dir, self.node_threshold, self.edge_threshold, annotate)
             write_scores(self.graph_dir / f"{slug}.scores.json", rows)
             self._update(job_id, state="done", slugs=[s for s, _, _ in entries])
         except MatryoshkaError as e:

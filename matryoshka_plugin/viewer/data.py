@@ -28,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir
-from .decomposition import coactivation_counts, decompose, decomposition_json
+from ..adapters.circuit_tracer.prefix_transcoders import decoder_rows, output_direction
+from ..core.decomposition import coactivation_counts, decompose, decomposition_json
+from ..corpus import corpus_chunks
 
 VIEWER_DIR = "matryoshka-viewer"
 FEATURE_TYPE = "cross layer transcoder"
@@ -80,44 +82,6 @@ def graph_features(graph_dir: Path, graphs: Sequence[dict]) -> dict[str, dict]:
                 layer, feat, _ = n["node_id"].split("_")
                 info["layers"][int(layer)].add(int(feat))
     return out
-
-
-def decoder_rows(transcoders, layer: int) -> torch.Tensor:
-    """Decoder rows ``[width, d]`` of one layer's latents (a CLT's rows over all its output layers)."""
-    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
-
-    if isinstance(transcoders, CrossLayerTranscoder):
-        w = transcoders._get_decoder_vectors(layer)
-        return w.reshape(w.shape[0], -1).float()
-    return transcoders[layer]._get_decoder_vectors().float()
-
-
-def output_direction(transcoders, layer: int) -> torch.Tensor:
-    """Each latent's write into the residual stream at the last layer it reaches: ``[width, d]``."""
-    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
-
-    if isinstance(transcoders, CrossLayerTranscoder):
-        return transcoders._get_decoder_vectors(layer)[:, -1].float()
-    return transcoders[layer]._get_decoder_vectors().float()
-
-
-def corpus_chunks(tokenizer, texts: Iterable[str], n_tokens: int, seq_len: int) -> list[torch.Tensor]:
-    """Token-id chunks of ``seq_len`` (BOS first, as circuit-tracer prompts) covering ``n_tokens``."""
-    bos = tokenizer.bos_token_id
-    body = seq_len - (1 if bos is not None else 0)
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) >= n_tokens:
-            break
-    ids = ids[:n_tokens]
-    if len(ids) < body:
-        raise ValueError(f"the corpus has {len(ids)} tokens; at least {body} are needed")
-    chunks = []
-    for start in range(0, len(ids) - body + 1, body):
-        part = ids[start : start + body]
-        chunks.append(torch.tensor(([bos] if bos is not None else []) + part))
-    return chunks
 
 
 def _token_strings(tokenizer, ids: torch.Tensor) -> list[str]:

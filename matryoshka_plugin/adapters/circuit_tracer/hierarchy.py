@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import UsageError
-from ...viewer.decomposition import Link, coactivation_counts, decompose
+from ...core.decomposition import Link, coactivation_counts, decompose
 
 FEATURE_TYPE = "cross layer transcoder"
 SIDECAR_SUFFIX = ".hierarchy.json"
@@ -128,7 +128,7 @@ def corpus_activity(model, texts: Iterable[str], wanted: dict[int, Tensor], n_to
     """``{layer: (both, count)}`` co-activation counts of the ``wanted`` latents per layer
     over ``n_tokens`` corpus tokens, at full width (truncation only zeroes latents >= P,
     so activity below P is the same at every prefix)."""
-    from ...viewer.data import corpus_chunks
+    from ...corpus import corpus_chunks
     from .prefix_transcoders import prefix_truncation, transcoder_width
 
     width = transcoder_width(model.transcoders)
@@ -152,8 +152,7 @@ def corpus_activity(model, texts: Iterable[str], wanted: dict[int, Tensor], n_to
 def write_hierarchy(graph_dir: Path, graphs: Sequence[tuple[str, int]], model, texts: Iterable[str] | None = None) -> list[Path]:
     """Supernodes and sidecars for one prompt's graphs ``[(slug, prefix_len), ...]`` in
     ``graph_dir`` (graph files already written there); returns the sidecars written."""
-    from ...viewer.data import decoder_rows
-    from .prefix_transcoders import prefix_truncation
+    from .prefix_transcoders import decoder_rows, prefix_truncation
 
     order = sorted(graphs, key=lambda g: g[1])
     jsons = {slug: json.loads((graph_dir / f"{slug}.json").read_text()) for slug, _ in order}

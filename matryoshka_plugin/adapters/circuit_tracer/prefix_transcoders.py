@@ -196,3 +196,22 @@ def prefix_truncation(obj, prefix_len: int | None) -> Iterator[None]:
         yield
     finally:
         set_prefix_len(obj, previous)
+
+
+def decoder_rows(transcoders, layer: int) -> torch.Tensor:
+    """Decoder rows ``[width, d]`` of one layer's latents (a CLT's rows over all its output layers)."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    if isinstance(transcoders, CrossLayerTranscoder):
+        w = transcoders._get_decoder_vectors(layer)
+        return w.reshape(w.shape[0], -1).float()
+    return transcoders[layer]._get_decoder_vectors().float()
+
+
+def output_direction(transcoders, layer: int) -> torch.Tensor:
+    """Each latent's write into the residual stream at the last layer it reaches: ``[width, d]``."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return transcoders._get_decoder_vectors(layer)[:, -1].float()
+    return transcoders[layer]._get_decoder_vectors().float()
