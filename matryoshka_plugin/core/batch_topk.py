@@ -78,7 +78,8 @@ def batch_topk_indices(pre_acts: Tensor, k: int) -> Tensor:
     searched = rows  # the rows whose candidates are (re)computed this round
     cand_vals = cand_idx = pre_acts.new_empty(0)
     while True:
-        vals, cols = pre_acts[searched].topk(int(depth[searched].max()), dim=-1, sorted=False)
+        source = pre_acts if searched is rows else pre_acts[searched]  # no copy at first
+        vals, cols = source.topk(int(depth[searched].max()), dim=-1, sorted=False)
         stale = torch.isin(cand_idx.div(width, rounding_mode="floor"), searched)
         cand_vals = torch.cat([cand_vals[~stale], vals.flatten()])
         cand_idx = torch.cat([cand_idx[~stale].long(), (searched[:, None] * width + cols).flatten()])
@@ -130,8 +131,13 @@ class BatchTopKEncoder(torch.autograd.Function):
             )
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            rows = g[:, None].to(weight.dtype) * x[tokens].to(weight.dtype)
-            grad_w = torch.zeros_like(weight).index_add_(0, latents, rows)
+            # One bag per latent over the tokens that kept it: no [M, d] temporary.
+            order = latents.argsort(stable=True)
+            per_latent = torch.bincount(latents, minlength=weight.shape[0])
+            grad_w = F.embedding_bag(
+                tokens[order], x.to(weight.dtype), per_latent.cumsum(0) - per_latent,
+                mode="sum", per_sample_weights=g[order].to(weight.dtype),
+            )
         if ctx.needs_input_grad[2]:
             grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, latents, g.to(weight.dtype))
         return grad_x, grad_w, grad_b, None
