@@ -129,12 +129,8 @@ def variant_specs(suite: str) -> list[dict]:
             {"name": "nested5", "kind": "matryoshka", "levels": 5, "nested_decoders": True},
             {"name": "naive5", "kind": "naive", "levels": 5},
         ]
-    if suite == "production":
-        return [
-            plain,
-            {"name": "fixed5", "kind": "matryoshka", "levels": 5},
-            {"name": "pareto", "kind": "matryoshka", "schedule": "pareto"},
-            {"name": "nested5", "kind": "matryoshka", "levels": 5, "nested_decoders": True},
+    if suite == "production":  # the width suite without the naive baseline, plus BatchTopK
+        return [s for s in variant_specs("width") if s["kind"] != "naive"] + [
             {"name": "batchtopk", "kind": "plain", "batch_topk": True},
             {"name": "batchtopk_fixed5", "kind": "matryoshka", "levels": 5, "batch_topk": True},
         ]
