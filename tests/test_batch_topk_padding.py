@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matryoshka_plugin.core.batch_topk import batch_topk, threshold_select
+from matryoshka_plugin.core.batch_topk import batch_topk_encode, threshold_select
+
+
+def batch_topk(pre, k):
+    """BatchTopK of given non-negative pre-activations (an identity encoder)."""
+    width = pre.shape[1]
+    values, indices, _, min_kept = batch_topk_encode(pre, torch.eye(width), torch.zeros(width), k)
+    return values, indices, min_kept
 
 
 def _fired(pre_acts, values, indices):

@@ -22,6 +22,10 @@ Suites (``--suites``):
 - ``width``: the same at several widths (5 levels);
 - ``batch``: several batch sizes;
 - ``trainer``: whole sparsify ``Trainer`` runs through ``fit_activations``;
+- ``production``: the issue-#21 shapes (``PRODUCTION_SHAPES``: d 576/768/2304, widths
+  16k-32k, k=32): plain TopK, 5 fixed levels, Pareto prefixes, nested decoders,
+  BatchTopK and Matryoshka BatchTopK side by side, and a whole ``Trainer`` fit at d=576,
+  width 16k (not in the default ``--suites``: about 15 minutes at 1024 tokens a step);
 - ``saelens``: ours against SAELens' ``MatryoshkaBatchTopKTrainingSAE`` (needs
   ``sae_lens``; run with a Python that has it, see ``--saelens-python``).
 
@@ -124,6 +128,11 @@ def variant_specs(suite: str) -> list[dict]:
             {"name": "pareto", "kind": "matryoshka", "schedule": "pareto"},
             {"name": "nested5", "kind": "matryoshka", "levels": 5, "nested_decoders": True},
             {"name": "naive5", "kind": "naive", "levels": 5},
+        ]
+    if suite == "production":  # the width suite without the naive baseline, plus BatchTopK
+        return [s for s in variant_specs("width") if s["kind"] != "naive"] + [
+            {"name": "batchtopk", "kind": "plain", "batch_topk": True},
+            {"name": "batchtopk_fixed5", "kind": "matryoshka", "levels": 5, "batch_topk": True},
         ]
     if suite == "batch":
         return [
@@ -287,27 +296,32 @@ def run_config(suite, specs, d, width, k, batch, reps, warmup, rss):
     return rows
 
 
-def trainer_suite(reps: int) -> list[dict]:
+def trainer_suite(reps: int, d: int = 256, width: int = 2048, batch: int = 1024,
+                  n_steps: int = 16, suite: str = "trainer") -> list[dict]:
     """Whole sparsify Trainer runs (fit_activations): plain against Matryoshka fixed-5."""
     from matryoshka_plugin.fit import fit_activations
 
     torch.manual_seed(2)
-    x = torch.randn(16384, 256)
+    x = torch.randn(batch * n_steps, d)
     cfgs = {
-        "plain": MatryoshkaSparseCoderConfig(num_latents=2048, k=32),
-        "fixed5": MatryoshkaSparseCoderConfig(num_latents=2048, k=32, matryoshka=True),
+        "plain": MatryoshkaSparseCoderConfig(num_latents=width, k=32),
+        "fixed5": MatryoshkaSparseCoderConfig(num_latents=width, k=32, matryoshka=True),
     }
-    n_steps = x.shape[0] // 1024
 
     def run(cfg):
-        return lambda: fit_activations(x, cfg, batch_size=1024, seq_len=64, optimizer="adam",
+        return lambda: fit_activations(x, cfg, batch_size=batch, seq_len=64, optimizer="adam",
                                        lr=1e-4, lr_warmup_steps=0)
 
     steps = {n: run(c) for n, c in cfgs.items()}
-    summary = summarize(interleaved_times(steps, reps, 1, "trainer fit"))
-    return [{"suite": "trainer", "variant": n, "d": 256, "width": 2048, "k": 32, "batch": 1024,
+    summary = summarize(interleaved_times(steps, reps, 1, f"{suite} fit"))
+    return [{"suite": suite, "variant": n, "d": d, "width": width, "k": 32, "batch": batch,
              "levels": 5 if n == "fixed5" else 1, "steps_per_fit": n_steps, **s}
             for n, s in summary.items()]
+
+
+PRODUCTION_SHAPES = [(576, 16384), (576, 32768), (768, 32768), (2304, 16384)]
+"""(d, width) of the production suite: every d the issue names, widths that fit side by
+side (six coders with Adam state) in 24 GiB."""
 
 
 def run_saelens_suite(reps: int, warmup: int) -> list[dict]:
@@ -364,6 +378,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10,
                    help="interleaved rounds per configuration (the levels suite runs twice as many)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--production-batch", type=int, default=4096,
+                   help="tokens per step in the production suite (d 576-2304, widths 16k-32k)")
+    p.add_argument("--production-reps", type=int, default=3,
+                   help="interleaved rounds per shape in the production suite")
     p.add_argument("--rss-reps", type=int, default=2,
                    help="fresh subprocesses per variant for the maxrss measurement (levels suite)")
     p.add_argument("--merge", action="store_true",
@@ -380,9 +398,9 @@ def main(argv=None):
         print(json.dumps(run_saelens_suite(a.reps, a.warmup)))
         return
     suites = a.suites.split(",")
-    unknown = set(suites) - {"levels", "width", "batch", "trainer", "saelens"}
-    if unknown:
-        p.error(f"unknown suites {sorted(unknown)}; allowed: levels,width,batch,trainer,saelens")
+    allowed = ["levels", "width", "batch", "trainer", "saelens", "production"]
+    if unknown := set(suites) - set(allowed):
+        p.error(f"unknown suites {sorted(unknown)}; allowed: {','.join(allowed)}")
 
     d, k = 256, 32
     rows = []
@@ -397,6 +415,11 @@ def main(argv=None):
             rows += run_config("batch", variant_specs("batch"), d, 4096, k, batch, a.reps, a.warmup, rss=False)
     if "trainer" in suites:
         rows += trainer_suite(max(a.reps // 3, 3))
+    if "production" in suites:
+        for pd, width in PRODUCTION_SHAPES:
+            rows += run_config("production", variant_specs("production"), pd, width, k,
+                               a.production_batch, a.production_reps, 1, rss=False)
+        rows += trainer_suite(a.production_reps, 576, 16384, a.production_batch, 4, "production_trainer")
     saelens_error = None
     if "saelens" in suites:
         py = Path(a.saelens_python)

@@ -28,7 +28,7 @@ from ..core import (
     check_prefix_len,
     truncate_sparse,
 )
-from ..core.batch_topk import batch_topk, encode_pre_acts, threshold_select
+from ..core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
 from ..core.cross_layer import (
     cross_layer_nested_fvu,
     cross_layer_recons,
@@ -204,14 +204,14 @@ class MatryoshkaCLT(nn.Module):
         W, b = self.W_enc[s], self.b_enc[s]
         if not self.cfg.batch_topk:
             return fused_encoder(x, W, b, self.cfg.k, "topk")
-        pre_acts = encode_pre_acts(x, W, b)
         # The returned pre_acts carry no gradient, as from sparsify's fused encoder (whose
         # backward drops theirs): AuxK, which ranks dead latents by them, then trains
         # only the decoder, with TopK and BatchTopK alike.
         if not self.training:
+            pre_acts = encode_pre_acts(x, W, b)
             threshold = self.batch_topk_threshold[s].clamp_min(0)
             return EncoderOutput(*threshold_select(pre_acts, threshold), pre_acts.detach())
-        values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
+        values, indices, pre_acts, min_kept = batch_topk_encode(x, W, b, self.cfg.k)
         with torch.no_grad():
             m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold[s]
             t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))

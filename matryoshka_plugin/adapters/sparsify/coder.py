@@ -27,7 +27,7 @@ from ...core import (
     nested_fvu,
     prefix_decodes,
 )
-from ...core.batch_topk import batch_topk, encode_pre_acts, threshold_select
+from ...core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
 from ...core.prefixes import level_weights, with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
@@ -132,19 +132,19 @@ class MatryoshkaSparseCoder(SparseCoder):
             return super().encode(x)
         if not self.cfg.transcode:
             x = x - self.b_dec
-        pre_acts = encode_pre_acts(x, self.encoder.weight, self.encoder.bias)
+        W, b = self.encoder.weight, self.encoder.bias
         if self.training:
-            values, indices, min_kept = batch_topk(pre_acts, self.cfg.k)
+            # Sparse backward over the kept entries only, as sparsify's fused encoder.
+            values, indices, pre_acts, min_kept = batch_topk_encode(x, W, b, self.cfg.k)
             with torch.no_grad():
                 m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold
                 t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
         else:
+            pre_acts = encode_pre_acts(x, W, b)
             threshold = self.batch_topk_threshold.clamp_min(0)
             values, indices = threshold_select(pre_acts, threshold)
-        # The picked values are differentiated densely: sparsify's sparse backward was
-        # no faster here, as BatchTopK pads tokens to the batch's largest count. The
-        # returned pre_acts carry no gradient, as from sparsify's fused encoder, so AuxK
-        # trains only the decoder in both paths.
+        # The returned pre_acts carry no gradient, as from sparsify's fused encoder, so
+        # AuxK trains only the decoder in both paths.
         return EncoderOutput(values, indices, pre_acts.detach())
 
     # -- decoder: every prefix from one sparse decode ------------------------

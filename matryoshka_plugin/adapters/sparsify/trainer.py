@@ -54,8 +54,15 @@ def building_coders(coder_cls: type[SparseCoder]):
         yield
 
 
+class _StopForward(Exception):
+    """Raised after the last hookpoint of a forward pass: nothing later is needed."""
+
+
 class MatryoshkaTrainer(Trainer):
     """sparsify's ``Trainer``; builds plugin coders when ``cfg.sae`` asks for them."""
+
+    stop_after_last_hookpoint: bool = True
+    """With ``loss_fn: fvu``, end the model's forward once every hookpoint has run."""
 
     def __init__(self, cfg: TrainConfig, dataset, model):
         check_model_targets(cfg, model)
@@ -72,6 +79,55 @@ class MatryoshkaTrainer(Trainer):
         for opt in self.optimizers:
             base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
             base.register_step_post_hook(self._note_optimizer_step)
+
+    def fit(self):
+        with self._forward_up_to_last_hookpoint():
+            super().fit()
+
+    @contextmanager
+    def _forward_up_to_last_hookpoint(self):
+        """For the span of ``fit()``, make this model's forward stop after the last
+        hookpoint runs, when the loss (``fvu``) needs nothing computed after it.
+
+        sparsify's hooks train each coder (local backward) as the forward reaches its
+        hookpoint; the later layers, the final norm and the unembedding only cost
+        time. A forward hook on every hookpoint, added after sparsify's own in each
+        call so it runs last, raises once all of them have run, and the wrapped
+        forward swallows it: each coder sees the same inputs as in a full forward.
+        """
+        if not self.stop_after_last_hookpoint or self.cfg.loss_fn != "fvu":
+            yield
+            return
+        model = self.model
+        modules = {id(m): m for m in map(model.base_model.get_submodule, self.cfg.hookpoints)}
+        own = model.__dict__.get("forward")  # e.g. accelerate's dispatch wrapper
+        inner = model.forward
+
+        def forward(*args, **kwargs):
+            seen = set()
+
+            def note(module, _inputs, _outputs):
+                seen.add(id(module))
+                if len(seen) == len(modules):
+                    raise _StopForward
+
+            handles = [m.register_forward_hook(note) for m in modules.values()]
+            try:
+                return inner(*args, **kwargs)
+            except _StopForward:
+                return None  # sparsify ignores the fvu forward's output
+            finally:
+                for h in handles:
+                    h.remove()
+
+        model.forward = forward
+        try:
+            yield
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
 
     def _note_optimizer_step(self, *_):
         self._stepped_at = self.global_step
