@@ -110,20 +110,9 @@ def export_clt(
         for i, (enc, dec) in tensors.items():
             save_file(enc, str(tmp / f"W_enc_{i}.safetensors"))
             save_file(dec, str(tmp / f"W_dec_{i}.safetensors"))
-        write_config_yaml(
-            tmp,
-            base_kind="cross_layer_transcoder",
-            activation=written,
-            k=clt.cfg.k,
-            model_name=model_name or clt.source.get("model") or None,
-            scan=f"matryoshka-clt-{Path(out_dir).name}",
-        )
-        write_nested_sizes(
-            tmp,
-            sizes,
-            M,
-            activation=written,
-            k=clt.cfg.k,
+        _write_metadata(
+            tmp, clt, "cross_layer_transcoder", written, model_name, f"matryoshka-clt-{Path(out_dir).name}",
+            sizes, M,
             trained_layers=clt.layers,
             n_layers=int(n_model_layers),
             prefix_schedule=clt.cfg.prefix_schedule if clt.cfg.matryoshka else None,
@@ -173,23 +162,25 @@ def export_per_layer(
             if c.cfg.batch_topk:
                 tensors["activation_function.threshold"] = c.batch_topk_threshold[0].clamp_min(0).expand(c.num_latents)
             save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(tmp / f"layer_{layer}.safetensors"))
-        write_config_yaml(
-            tmp,
-            base_kind="transcoder_set",
-            activation=written,
-            k=first.cfg.k,
-            model_name=model_name or first.source.get("model") or None,
-            scan=f"matryoshka-clt-per-layer-{Path(out_dir).name}",
-        )
-        write_nested_sizes(
-            tmp,
-            shape[3],
-            first.num_latents,
-            activation=written,
-            k=first.cfg.k,
+        _write_metadata(
+            tmp, first, "transcoder_set", written, model_name, f"matryoshka-clt-per-layer-{Path(out_dir).name}",
+            shape[3], first.num_latents,
             hookpoints={str(layer): c.source.get("hookpoints", {}).get(str(layer), "") for layer, c in by_layer.items()},
         )
     return Path(out_dir)
+
+
+def _write_metadata(tmp: Path, clt, base_kind: str, written: str, model_name, scan: str, sizes, width: int, **extra) -> None:
+    """``config.yaml`` and ``matryoshka.json`` of an export of ``clt`` (or its layers)."""
+    write_config_yaml(
+        tmp,
+        base_kind=base_kind,
+        activation=written,
+        k=clt.cfg.k,
+        model_name=model_name or clt.source.get("model") or None,
+        scan=scan,
+    )
+    write_nested_sizes(tmp, sizes, width, activation=written, k=clt.cfg.k, **extra)
 
 
 def _calibrate(clt: MatryoshkaCLT, x: Tensor) -> Tensor:
