@@ -99,3 +99,21 @@ def test_pruning_falls_back_to_direct_attribution(plt_model):
     assert not any(r.derived for r in results)
     assert torch.equal(results[1].graph.adjacency_matrix, direct.adjacency_matrix)
     assert torch.equal(results[1].graph.selected_features, direct.selected_features)
+
+
+def test_cli_prefix_len_derives_and_says_when_it_cannot(tmp_path):
+    from circuit_tracer.graph import Graph
+
+    from matryoshka_plugin.adapters.circuit_tracer.loading import load_transcoders_dir
+    from matryoshka_plugin.adapters.circuit_tracer.local_model import load_local_replacement_model
+    from matryoshka_plugin.cli.circuit_tracer import main
+    from tiny import build_exported_transcoders
+
+    llama, tc = build_exported_transcoders(tmp_path)
+    argv = ["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT, "--prefix-len"]
+    main([*argv, str(WIDTH), str(NESTED[0]), "-o", str(tmp_path / "g.pt")])
+    saved = Graph.from_pt(str(tmp_path / f"g-p{NESTED[0]}.pt"))
+    model = load_local_replacement_model(llama, load_transcoders_dir(tc)[0])
+    assert_same_graph(saved, attribute(PROMPT, model, prefix_len=NESTED[0]))
+    with pytest.warns(UserWarning, match="attributed directly, not derived"):
+        main([*argv, str(WIDTH), "2", "--max_feature_nodes", "2", "-o", str(tmp_path / "h.pt")])
