@@ -15,7 +15,7 @@ of active features (TopK fixes it at k per token and layer) and the model, not o
 the features mean, so this measures cost only. The CLT's per-latent thresholds are set
 from the prompt's own pre-activations so that about k latents fire per token and layer.
 
-Usage: ``python -m benchmarks.attribution.prefix_ladder`` (about 10 minutes on 2 busy
+Usage: ``python -m benchmarks.attribution.prefix_ladder`` (about 20 minutes on 2 busy
 CPU cores). Outputs: ``benchmarks/attribution/results/prefix_ladder.{json,md}``.
 """
 
