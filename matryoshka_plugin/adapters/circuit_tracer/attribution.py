@@ -2,13 +2,16 @@
 
 ``attribute`` is circuit-tracer's own ``attribute`` run inside ``prefix_truncation``.
 ``attribute_prefixes`` builds one graph per prefix length for the same prompt, with
-circuit-tracer's replacement and completeness scores, and runs the model's setup
-forward once for all of them (``reusing_setup_forward``).
+circuit-tracer's replacement and completeness scores: it attributes the largest prefix
+length and derives the smaller ones from it (``derived_graphs``), or attributes each one
+directly where deriving would not be exact, running the model's setup forward once for
+all of them (``reusing_setup_forward``).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
@@ -20,6 +23,7 @@ from circuit_tracer.graph import Graph, compute_graph_scores
 
 from ...core.errors import UsageError
 from ...core.prefixes import check_prefix_len
+from .derived_graphs import derive_prefix_graph, recording_error_deltas
 from .prefix_transcoders import prefix_truncation, transcoder_width
 
 
@@ -100,15 +104,26 @@ class PrefixGraph(NamedTuple):
     seconds: float
     replacement: float
     completeness: float
+    # True: derived from the finest graph of the same call (seconds: the derivation).
+    derived: bool = False
+
+
+def _scored(p: int | None, graph: Graph, start: float, derived: bool) -> PrefixGraph:
+    seconds = time.perf_counter() - start
+    return PrefixGraph(p, graph, seconds, *compute_graph_scores(graph), derived=derived)
 
 
 def attribute_prefixes(
-    prompt, model, prefix_lens: Sequence[int | None], **kwargs
+    prompt, model, prefix_lens: Sequence[int | None], *, derive: bool = True, **kwargs
 ) -> list[PrefixGraph]:
     """One graph per prefix length (None: full width) for the same prompt, with scores.
 
     All prefix lengths are checked before any work; the setup forward is shared
-    (TransformerLens backend).
+    (TransformerLens backend). With ``derive`` (the default) only the largest prefix
+    length is attributed, and the smaller ones are derived from it exactly
+    (``derived_graphs``); where that cannot be exact (``max_feature_nodes`` pruned the
+    finest graph, or a backend without TransformerLens hooks) they are attributed
+    directly and a warning says why. ``derive=False`` attributes every one directly.
     """
     width = transcoder_width(model.transcoders)
     # Not core.prefixes.check_prefix_lens: None (the full width) is allowed here.
@@ -116,13 +131,30 @@ def attribute_prefixes(
     if len(set(prefix_lens)) != len(prefix_lens):
         raise UsageError(f"prefix lengths {prefix_lens} repeat a value; give each once")
     check_prompt(prompt, model)
-    results = []
+
+    def length(p: int | None) -> int:
+        return width if p is None else p
+
+    finest = max(prefix_lens, key=length)
+    coarser = [p for p in prefix_lens if p != finest] if derive else []
+    by_len: dict[int | None, PrefixGraph] = {}
     reuse = reusing_setup_forward(model) if hasattr(model, "run_with_hooks") else nullcontext()
     with reuse:
-        for p in prefix_lens:
+        deltas = None
+        if coarser:
             start = time.perf_counter()
-            graph = attribute(prompt, model, prefix_len=p, **kwargs)
-            seconds = time.perf_counter() - start
-            replacement, completeness = compute_graph_scores(graph)
-            results.append(PrefixGraph(p, graph, seconds, replacement, completeness))
-    return results
+            with recording_error_deltas(model, [length(p) for p in coarser]) as recorder:
+                graph = attribute(prompt, model, prefix_len=finest, **kwargs)
+            by_len[finest] = _scored(finest, graph, start, derived=False)
+            deltas, why_not = recorder.error_deltas(graph)
+            if deltas is None:
+                warnings.warn(f"prefix graphs attributed directly, not derived from the finest one: {why_not}")
+        for p in prefix_lens:
+            if p in by_len:
+                continue
+            start = time.perf_counter()
+            if deltas is not None:
+                by_len[p] = _scored(p, derive_prefix_graph(by_len[finest].graph, length(p), deltas[length(p)]), start, True)
+            else:
+                by_len[p] = _scored(p, attribute(prompt, model, prefix_len=p, **kwargs), start, False)
+    return [by_len[p] for p in prefix_lens]
