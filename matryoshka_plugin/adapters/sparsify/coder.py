@@ -22,14 +22,16 @@ from ...core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
     PrefixSampler,
+    annealed_level_weights,
     cumulative_reconstructions,
     level_decodes,
     nested_fvu,
     prefix_decodes,
     truncate_sparse,
 )
+from ...core.auxk import nested_auxk_loss
 from ...core.batch_topk import batch_topk, encode_pre_acts, threshold_select
-from ...core.prefixes import level_weights, with_bias_level
+from ...core.prefixes import with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
@@ -112,6 +114,9 @@ class MatryoshkaSparseCoder(SparseCoder):
             torch.tensor(-1.0, device=device, dtype=dtype),
             persistent=False,
         )
+        # Fraction of training done, which the trainer updates after every step; it
+        # moves the level weights when level_weights_final is set.
+        self.training_progress = 0.0
         self._pending_sizes: list[int] | None = None
         self._level_recons: Tensor | None = None
         self._full_recon: Tensor | None = None
@@ -203,9 +208,12 @@ class MatryoshkaSparseCoder(SparseCoder):
                 x, y, dead_mask=dead_mask, total_variance=total_variance
             )
         self._pending_sizes = sizes
+        # The nested AuxK replaces sparsify's, which would otherwise run as well.
+        nested_auxk = self.cfg.matryoshka_auxk and dead_mask is not None and bool(dead_mask.any())
         try:
             out = super().forward(
-                x, y, dead_mask=dead_mask, total_variance=total_variance
+                x, y, dead_mask=None if self.cfg.matryoshka_auxk else dead_mask,
+                total_variance=total_variance,
             )
             recons, full_recon = self._level_recons, self._full_recon
         finally:
@@ -217,10 +225,30 @@ class MatryoshkaSparseCoder(SparseCoder):
         # full_recon = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
         # as a function (values and gradients) without recomputing the skip matmul.
         target = y - full_recon + recons[:, -1]
-        weights = level_weights(self.cfg, len(sizes))
+        weights = annealed_level_weights(self.cfg, len(sizes), self.training_progress)
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
+        if nested_auxk:
+            out = out._replace(auxk_loss=self._nested_auxk_loss(
+                x, target[:, None] - recons, sizes, weights, dead_mask, total_variance
+            ))
         return out._replace(fvu=loss)
+
+    def _nested_auxk_loss(self, x, residuals, sizes, weights, dead_mask, total_variance):
+        """``core.auxk.nested_auxk_loss`` with the dead latents' pre-activations recomputed.
+
+        They are recomputed with gradients (the encoder's returned pre-activations carry
+        none) and b_dec detached, so AuxK moves neither the live latents nor the bias.
+        """
+        dead = dead_mask.nonzero().flatten()
+        x_in = x if self.cfg.transcode else x - self.b_dec.detach()
+        W_enc, b_enc = self.encoder.weight[dead], self.encoder.bias[dead]
+        pre_acts = x_in.to(W_enc.dtype) @ W_enc.T + b_enc
+        # sparsify's heuristic (Gao et al., appendix B.1): half the output width.
+        k_aux = residuals.shape[-1] // 2
+        return nested_auxk_loss(
+            pre_acts, dead, self.W_dec, residuals, sizes, weights, total_variance, k_aux
+        )
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
