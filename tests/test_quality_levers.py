@@ -13,7 +13,6 @@ from sparsify import SparseCoder
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError, UsageError
-from matryoshka_plugin.core.auxk import nested_auxk_loss
 from matryoshka_plugin.core.schedules import annealed_level_weights
 from matryoshka_plugin.fit import as_prefix_coder, epoch_row_order, fit_activations, run_defaults
 from matryoshka_plugin.toy import ToyModel, hard_toy_config, oracle_fvu
@@ -147,64 +146,6 @@ def test_as_prefix_coder_keeps_a_transcoder_with_skip():
     x = torch.randn(20, 6)
     torch.testing.assert_close(twin(x).sae_out, plain(x).sae_out)
     assert as_prefix_coder(twin) is twin
-
-
-# -- nested AuxK ---------------------------------------------------------------------
-
-
-def _reference_auxk(pre, dead, W_dec, residual, k_aux, tv):
-    """sparsify's AuxK formula on a dense pre-activation matrix (one level, full width)."""
-    masked = torch.where(dead[None], pre, -torch.inf)
-    n_dead = int(dead.sum())
-    acts, idx = masked.topk(min(k_aux, n_dead), dim=1)
-    recon = torch.zeros_like(pre).scatter(1, idx, acts) @ W_dec
-    return min(n_dead / k_aux, 1.0) * (recon - residual).pow(2).sum() / tv
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10**6), width=st.integers(2, 24), k_aux=st.integers(1, 8))
-def test_one_level_nested_auxk_is_sparsifys_auxk(seed, width, k_aux):
-    g = torch.Generator().manual_seed(seed)
-    pre = torch.randn(10, width, generator=g).relu()
-    dead = torch.rand(width, generator=g) < 0.5
-    dead[0] = True
-    W_dec, residual = torch.randn(width, 5, generator=g), torch.randn(10, 5, generator=g)
-    tv = torch.tensor(7.0)
-    idx = dead.nonzero().flatten()
-    got = nested_auxk_loss(pre[:, idx], idx, W_dec, residual[:, None], [width], [1.0], tv, k_aux)
-    torch.testing.assert_close(got, _reference_auxk(pre, dead, W_dec, residual, k_aux, tv))
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10**6), cut=st.integers(1, 15))
-def test_a_level_uses_only_the_dead_latents_below_its_prefix(seed, cut):
-    g = torch.Generator().manual_seed(seed)
-    width = 16
-    idx = torch.arange(width)
-    pre, W_dec = torch.randn(6, width, generator=g), torch.randn(width, 4, generator=g)
-    residual = torch.randn(6, 1, 4, generator=g)
-    loss = nested_auxk_loss(pre, idx, W_dec, residual, [cut], [1.0], torch.tensor(1.0), 3)
-    changed = pre.clone()
-    changed[:, cut:] += 100  # latents at or beyond the prefix
-    assert nested_auxk_loss(changed, idx, W_dec, residual, [cut], [1.0], torch.tensor(1.0), 3) == loss
-
-
-def test_nested_auxk_reaches_the_encoder_of_dead_latents():
-    torch.manual_seed(0)
-    x = torch.randn(64, 8)
-    dead = torch.zeros(32, dtype=torch.bool)
-    dead[20:] = True
-    grads = {}
-    for nested in (True, False):
-        cfg = MatryoshkaSparseCoderConfig(num_latents=32, k=2, matryoshka=True, matryoshka_auxk=nested)
-        torch.manual_seed(1)
-        coder = MatryoshkaSparseCoder(8, cfg).train()
-        coder(x, dead_mask=dead).auxk_loss.backward()
-        grads[nested] = coder.encoder.weight.grad
-    assert grads[True] is not None and grads[True][20:].abs().sum() > 0
-    assert grads[True][:20].abs().sum() == 0, "live latents' encoders must not move"
-    # sparsify's AuxK reaches the decoder only.
-    assert grads[False] is None or grads[False].abs().sum() == 0
 
 
 # -- level-weight schedule -----------------------------------------------------------

@@ -35,9 +35,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "base": ({}, {}),
     "mat": ({"matryoshka": True}, {}),
     "mat_pareto": ({"matryoshka": True, "prefix_schedule": "pareto"}, {}),
-    # AuxK (alpha 1/32, dead after a tenth of an epoch): the plugin's nested AuxK, sparsify's.
+    # sparsify's AuxK (alpha 1/32), a latent dead after a tenth of an epoch without firing.
     "mat_auxk": ({"matryoshka": True}, {"auxk_alpha": 1 / 32}),
-    "mat_auxk_upstream": ({"matryoshka": True, "matryoshka_auxk": False}, {"auxk_alpha": 1 / 32}),
     "base_auxk": ({}, {"auxk_alpha": 1 / 32}),
     # The full width's weight: 1/5 by default (5 equal levels), 1/2, 3/4.
     "mat_full50": ({"matryoshka": True, "level_weights": [1, 1, 1, 1, 4]}, {}),
@@ -49,6 +48,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # The order of rows: reshuffled every epoch (default) or one order repeated.
     "mat_same_order": ({"matryoshka": True}, {"shuffle_epochs": False}),
     "base_same_order": ({}, {"shuffle_epochs": False}),
+    # sparsify's default optimiser and its automatic lr, at the same small batches.
+    "mat_signum": ({"matryoshka": True}, {"optimizer": "signum", "lr": None}),
+    "base_signum": ({}, {"optimizer": "signum", "lr": None}),
 }
 
 
@@ -64,9 +66,9 @@ def setting_grid(names: list[str]) -> list[dict]:
 def train_and_measure(cfg_fields, fit_kwargs, x_train, x_test, f_test, toy, width, k, args, seed):
     cfg = MatryoshkaSparseCoderConfig(num_latents=width, k=k, **cfg_fields)
     started = time.time()
+    fit_kwargs = {"optimizer": "adam", "lr": args.lr, **fit_kwargs}
     coder = fit_activations(
-        x_train, cfg, batch_size=args.batch_size, epochs=args.epochs, seed=seed,
-        optimizer="adam", lr=args.lr, **fit_kwargs,
+        x_train, cfg, batch_size=args.batch_size, epochs=args.epochs, seed=seed, **fit_kwargs
     )
     seconds = time.time() - started
     fvu = coder.prefix_fvu(x_test, prefix_lens=[width // 16, width])

@@ -67,9 +67,6 @@ class MatryoshkaConfig:
     batch_topk_momentum: float = 0.99
     """EMA momentum of the BatchTopK inference threshold."""
 
-    matryoshka_auxk: bool = True
-    """With AuxK on (auxk_alpha > 0), revive dead latents per level with encoder gradients (core.auxk); False keeps sparsify's decoder-only AuxK."""
-
     def __post_init__(self):
         self.validate_matryoshka()
 

@@ -29,7 +29,6 @@ from ...core import (
     prefix_decodes,
     truncate_sparse,
 )
-from ...core.auxk import nested_auxk_loss
 from ...core.batch_topk import batch_topk, encode_pre_acts, threshold_select
 from ...core.prefixes import with_bias_level
 
@@ -208,12 +207,9 @@ class MatryoshkaSparseCoder(SparseCoder):
                 x, y, dead_mask=dead_mask, total_variance=total_variance
             )
         self._pending_sizes = sizes
-        # The nested AuxK replaces sparsify's, which would otherwise run as well.
-        nested_auxk = self.cfg.matryoshka_auxk and dead_mask is not None and bool(dead_mask.any())
         try:
             out = super().forward(
-                x, y, dead_mask=None if self.cfg.matryoshka_auxk else dead_mask,
-                total_variance=total_variance,
+                x, y, dead_mask=dead_mask, total_variance=total_variance
             )
             recons, full_recon = self._level_recons, self._full_recon
         finally:
@@ -228,27 +224,7 @@ class MatryoshkaSparseCoder(SparseCoder):
         weights = annealed_level_weights(self.cfg, len(sizes), self.training_progress)
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
-        if nested_auxk:
-            out = out._replace(auxk_loss=self._nested_auxk_loss(
-                x, target[:, None] - recons, sizes, weights, dead_mask, total_variance
-            ))
         return out._replace(fvu=loss)
-
-    def _nested_auxk_loss(self, x, residuals, sizes, weights, dead_mask, total_variance):
-        """``core.auxk.nested_auxk_loss`` with the dead latents' pre-activations recomputed.
-
-        They are recomputed with gradients (the encoder's returned pre-activations carry
-        none) and b_dec detached, so AuxK moves neither the live latents nor the bias.
-        """
-        dead = dead_mask.nonzero().flatten()
-        x_in = x if self.cfg.transcode else x - self.b_dec.detach()
-        W_enc, b_enc = self.encoder.weight[dead], self.encoder.bias[dead]
-        pre_acts = x_in.to(W_enc.dtype) @ W_enc.T + b_enc
-        # sparsify's heuristic (Gao et al., appendix B.1): half the output width.
-        k_aux = residuals.shape[-1] // 2
-        return nested_auxk_loss(
-            pre_acts, dead, self.W_dec, residuals, sizes, weights, total_variance, k_aux
-        )
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
