@@ -10,7 +10,6 @@ AuxK on a latent counts as dead after a tenth of an epoch without firing.
 """
 
 import sys
-
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -151,7 +150,7 @@ def fit_activations(
     train_kwargs.setdefault("save_every", 10**9)
     seqs_per_batch = max(batch_size // seq_len, 1)
     steps = len(rows) // seqs_per_batch // train_kwargs.get("grad_acc_steps", 1)
-    run_defaults(train_kwargs, cfg, steps, rows_per_epoch=n_seq * seq_len)
+    run_defaults(train_kwargs, steps, rows_per_epoch=n_seq * seq_len)
     train_cfg = MatryoshkaTrainConfig(
         sae=replace(cfg),
         batch_size=seqs_per_batch,
@@ -193,7 +192,7 @@ def _notice(message: str) -> None:
     print(f"fit_activations: {message}", file=sys.stderr)
 
 
-def run_defaults(train_kwargs: dict, cfg, steps: int, rows_per_epoch: int) -> None:
+def run_defaults(train_kwargs: dict, steps: int, rows_per_epoch: int) -> None:
     """Fill the warm-up and AuxK defaults that sparsify sizes for long LM runs.
 
     sparsify warms Adam up over 1000 steps and counts a latent dead after 10M tokens: a
@@ -207,7 +206,9 @@ def run_defaults(train_kwargs: dict, cfg, steps: int, rows_per_epoch: int) -> No
         train_kwargs["lr_warmup_steps"] = warmup
         _notice(f"lr_warmup_steps={warmup} ({WARMUP_FRACTION:.0%} of the {steps} steps; "
                 "sparsify's default of 1000 is for long runs); pass lr_warmup_steps to change it")
-    if train_kwargs.get("auxk_alpha", 0) > 0 and "dead_feature_threshold" not in train_kwargs:
+    alpha = train_kwargs.get("auxk_alpha", 0)
+    # A bad alpha is left to the config checks, which name it in one line.
+    if isinstance(alpha, (int, float)) and alpha > 0 and "dead_feature_threshold" not in train_kwargs:
         threshold = max(1, round(DEAD_FRACTION * rows_per_epoch))
         train_kwargs["dead_feature_threshold"] = threshold
         _notice(f"dead_feature_threshold={threshold} rows ({DEAD_FRACTION:.0%} of an epoch; "

@@ -91,26 +91,24 @@ def test_every_epoch_is_a_permutation_and_the_first_one_is_fixed(n, epochs, seed
 
 
 def test_warmup_is_a_tenth_of_the_run_with_a_notice(capsys):
-    cfg = MatryoshkaSparseCoderConfig(k=2)
     kwargs = {"optimizer": "adam"}
-    run_defaults(kwargs, cfg, steps=80, rows_per_epoch=1000)
+    run_defaults(kwargs, steps=80, rows_per_epoch=1000)
     assert kwargs["lr_warmup_steps"] == 8
     assert "lr_warmup_steps=8" in capsys.readouterr().err
     given_kwargs = {"optimizer": "adam", "lr_warmup_steps": 3}
-    run_defaults(given_kwargs, cfg, steps=80, rows_per_epoch=1000)
+    run_defaults(given_kwargs, steps=80, rows_per_epoch=1000)
     assert given_kwargs["lr_warmup_steps"] == 3
     signum = {}
-    run_defaults(signum, cfg, steps=80, rows_per_epoch=1000)
+    run_defaults(signum, steps=80, rows_per_epoch=1000)
     assert "lr_warmup_steps" not in signum  # sparsify's signum has no warm-up
 
 
 def test_auxk_counts_dead_latents_within_the_run():
-    cfg = MatryoshkaSparseCoderConfig(k=2)
     kwargs = {"auxk_alpha": 0.1}
-    run_defaults(kwargs, cfg, steps=80, rows_per_epoch=1000)
+    run_defaults(kwargs, steps=80, rows_per_epoch=1000)
     assert kwargs["dead_feature_threshold"] == 100
     off = {}
-    run_defaults(off, cfg, steps=80, rows_per_epoch=1000)
+    run_defaults(off, steps=80, rows_per_epoch=1000)
     assert "dead_feature_threshold" not in off
 
 
@@ -198,3 +196,10 @@ def test_final_weights_must_match_the_levels():
     cfg = MatryoshkaConfig(matryoshka=True, nested_sizes=[4], level_weights_final=[1, 1, 1])
     with pytest.raises(MatryoshkaConfigError, match="level_weights_final has 3 entries"):
         cfg.resolve_nested_sizes(16, 2)
+
+
+def test_fit_without_a_warmup_warms_up_over_a_tenth_of_its_steps(capsys):
+    cfg = MatryoshkaSparseCoderConfig(num_latents=16, k=2)
+    # 1024 rows x 2 epochs in batches of 128: 16 steps, so 2 of warm-up (not 1000).
+    fit_activations(torch.randn(1024, 8), cfg, batch_size=128, seq_len=16, epochs=2, optimizer="adam")
+    assert "lr_warmup_steps=2 (10% of the 16 steps" in capsys.readouterr().err

@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "base_same_order": ({}, {"shuffle_epochs": False}),
     # sparsify's default optimiser and its automatic lr, at the same small batches.
     "mat_signum": ({"matryoshka": True}, {"optimizer": "signum", "lr": None}),
+    # sparsify's k decay (from 10 x d_in down to k over the first fifth of the 1024 steps).
+    "mat_kdecay": ({"matryoshka": True}, {"k_decay_steps": 200}),
     "base_signum": ({}, {"optimizer": "signum", "lr": None}),
 }
 
