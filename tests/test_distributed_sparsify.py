@@ -223,3 +223,27 @@ def test_a_bad_dist_timeout_is_one_line_before_any_model_load(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["sparsify-matryoshka: error: --dist_timeout 0.0: must be a positive number of seconds"]
     assert not (tmp_path / "ck").exists()
+
+
+def test_distribute_modules_resumes_matryoshka_coders_after_a_crash(tmp_path, model_dir):
+    # Each rank holds other coders; their sampler states live in one file per rank, and
+    # the checkpoint is staged for all ranks and swapped in whole.
+    data = write_memmap(tmp_path / "a.bin", np.random.default_rng(2).integers(2, 96, size=(32, CTX)))
+    hooks = ["--matryoshka", "true", "--prefix_schedule", "pareto", "--num_prefixes", "3",
+             "--min_prefix", "2", "--hookpoints", "h.0.mlp", "h.1.mlp", "--distribute_modules", "true",
+             "--save_every", "2", "--batch_size", "2"]
+    check(torchrun(run_args(model_dir, data, tmp_path / "full", *hooks), tmp_path / "rfull"))
+    run = tmp_path / "full" / "r"
+    assert sorted(p.name for p in run.glob("matryoshka_state*.pt")) == [
+        "matryoshka_state_rank_0.pt", "matryoshka_state_rank_1.pt"]
+    assert not list(tmp_path.glob("full/.r.*.tmp"))  # no staging left behind
+
+    args = run_args(model_dir, data, tmp_path / "crash", *hooks)
+    (code0, _), (code1, _) = ranks_by_hand(args, tmp_path / "rcrash", crash_after_save=1)
+    assert code1 == -signal.SIGKILL and code0 == 2
+    resumed = ranks_by_hand([*args, "--resume", "true"], tmp_path / "rresumed")
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-2000:]
+    for hook in ("h.0.mlp", "h.1.mlp"):
+        got, want = weights(tmp_path / "crash", hook), weights(tmp_path / "full", hook)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, TrainConfig, Trainer
 
-from ...atomic import atomic_dir, link_missing, recover_dir, remove_stale
+from ...atomic import atomic_dir, commit_dir, link_missing, recover_dir, remove_stale, staging_dir
 from ...core.errors import CheckpointError, MatryoshkaError
 from ...core.plain_state import load_plain_state
 from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
@@ -147,8 +147,8 @@ class MatryoshkaTrainer(Trainer):
         # sparsify writes each file in place, so a crash mid-save leaves a mix of two
         # steps. Here the whole checkpoint goes to a temporary sibling that replaces
         # `path` once complete. With distribute_modules every rank writes its own coders
-        # into the same directory, which a per-rank swap would clobber: keep upstream's
-        # in-place writing there.
+        # into one directory: `save` stages that for all ranks together; the per-coder
+        # `best/` saves, which ranks make at different times, stay in place there.
         if dist.is_initialized() and self.cfg.distribute_modules:
             self._write_checkpoint(saes, path, rank_zero)
             return
@@ -159,6 +159,46 @@ class MatryoshkaTrainer(Trainer):
             # Keep what sat beside the old checkpoint (sparsify's best/), as in-place
             # writing would have.
             link_missing(target, tmp)
+
+    def save(self):
+        if not (dist.is_initialized() and self.cfg.distribute_modules):
+            return super().save()
+        # Every rank writes its coders into one staging directory that rank 0 made;
+        # rank 0 swaps it in once all have written, so a crash leaves the old checkpoint.
+        target = Path(self.cfg.save_dir) / (self.cfg.run_name or "unnamed")
+        rank_zero = dist.get_rank() == 0
+        staged = [None]
+        if rank_zero:
+            recover_dir(target)
+            remove_stale(target)
+            staged = [str(staging_dir(target))]
+        dist.broadcast_object_list(staged, src=0)
+        self._write_checkpoint(self.saes, staged[0], rank_zero)
+        if not rank_zero:
+            self._save_rank_optimizers(staged[0])
+        dist.barrier()
+        if rank_zero:
+            link_missing(target, staged[0])
+            commit_dir(staged[0], target)
+        dist.barrier()
+
+    def _rank_files(self, path: str) -> list[tuple[str, object]]:
+        r = dist.get_rank()
+        return [(f"{path}/optimizer_{i}_rank_{r}.pt", o) for i, o in enumerate(self.optimizers)] + [
+            (f"{path}/lr_scheduler_{i}_rank_{r}.pt", s) for i, s in enumerate(self.lr_schedulers)
+        ]
+
+    def _save_rank_optimizers(self, path: str) -> None:
+        """This rank's optimizer and scheduler states, which hold its own coders under
+        distribute_modules: upstream saves rank 0's alone and loads them on every rank."""
+        for opt in self.optimizers:
+            if isinstance(opt, ScheduleFreeWrapper):
+                opt.eval()  # saved as upstream saves rank 0's, in eval mode
+        for file, obj in self._rank_files(path):
+            torch.save(obj.state_dict(), file)
+        for opt in self.optimizers:
+            if isinstance(opt, ScheduleFreeWrapper):
+                opt.train()
 
     def _write_checkpoint(self, saes, path: str, rank_zero: bool):
         mid_step = self._stepped_at is not None and self._stepped_at == self.global_step
@@ -171,7 +211,8 @@ class MatryoshkaTrainer(Trainer):
             # With distribute_modules each rank holds other coders and writes into the
             # same directory: one file per rank, as upstream does for its own state.
             per_rank = dist.is_initialized() and self.cfg.distribute_modules
-            name = f"rank_{dist.get_rank()}_{MATRYOSHKA_STATE_FILE}" if per_rank else MATRYOSHKA_STATE_FILE
+            # (Not rank_R_*_state.pt: upstream's load_state reads every file of that name.)
+            name = per_rank_state_file(dist.get_rank()) if per_rank else MATRYOSHKA_STATE_FILE
             torch.save({n: c.matryoshka_state() for n, c in coders.items()}, f"{path}/{name}")
 
     def load_state(self, path: str):
@@ -189,6 +230,9 @@ class MatryoshkaTrainer(Trainer):
                 f"cannot resume from {path}: a checkpoint file is corrupt or does not fit "
                 f"this run ({_first_line(e)})"
             ) from None
+        if dist.is_initialized() and self.cfg.distribute_modules and dist.get_rank():
+            for file, obj in self._rank_files(path):
+                obj.load_state_dict(load_plain_state(file, CheckpointError, map_location="cpu"))
         for opt in self.optimizers:
             if isinstance(opt, ScheduleFreeWrapper):
                 # The saved weights are the averaged (eval) point x. sparsify loads
@@ -204,7 +248,8 @@ class MatryoshkaTrainer(Trainer):
             self._resume_k = super().get_current_k()
             self.global_step += 1
         self._set_progress(self.global_step)
-        state_files = sorted(Path(path).glob(f"*{MATRYOSHKA_STATE_FILE}"))
+        single = Path(path) / MATRYOSHKA_STATE_FILE
+        state_files = [single] if single.exists() else sorted(Path(path).glob(per_rank_state_file("*")))
         if (coders := self._matryoshka_coders()) and state_files:
             state = load_matryoshka_state(state_files, list(coders))
             state_file = Path(path) / MATRYOSHKA_STATE_FILE
@@ -246,9 +291,14 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def per_rank_state_file(rank) -> str:
+    """The Matryoshka state file of one rank of a ``distribute_modules`` run."""
+    return f"{Path(MATRYOSHKA_STATE_FILE).stem}_rank_{rank}.pt"
+
+
 def load_matryoshka_state(files: list[Path], names: list[str]) -> dict:
     """The coders' Matryoshka state from ``matryoshka_state.pt`` (or, written by a
-    ``distribute_modules`` run, one ``rank_R_matryoshka_state.pt`` per rank): tensors and
+    ``distribute_modules`` run, one ``matryoshka_state_rank_R.pt`` per rank): tensors and
     plain data only, an entry per coder in ``names``.
 
     A crafted pickle in a checkpoint must not run code on resume (``core.plain_state``).
@@ -260,6 +310,6 @@ def load_matryoshka_state(files: list[Path], names: list[str]) -> dict:
             raise CheckpointError(f"{file} holds {type(part).__name__}; it needs an entry for each coder {names}")
         state.update(part)
     if any(n not in state for n in names):
-        where = files[0] if len(files) == 1 else f"{files[0].parent}/*{MATRYOSHKA_STATE_FILE}"
+        where = files[0] if len(files) == 1 else files[0].parent / per_rank_state_file("*")
         raise CheckpointError(f"{where} holds {sorted(state)}; it needs an entry for each coder {names}")
     return state
