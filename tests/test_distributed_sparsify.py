@@ -247,3 +247,15 @@ def test_distribute_modules_resumes_matryoshka_coders_after_a_crash(tmp_path, mo
         got, want = weights(tmp_path / "crash", hook), weights(tmp_path / "full", hook)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, model_dir):
+    # Data-parallel checkpoints are rank 0's alone (its coders equal every rank's), so a
+    # different number of ranks can go on from them, as upstream allows.
+    data = write_memmap(tmp_path / "a.bin", np.random.default_rng(3).integers(2, 96, size=(32, CTX)))
+    args = run_args(model_dir, data, tmp_path / "crash", *MATRYOSHKA, "--save_every", "2", "--batch_size", "2")
+    (_, _), (code1, _) = ranks_by_hand(args, tmp_path / "rcrash", crash_after_save=1)
+    assert code1 == -signal.SIGKILL
+    step = global_step(tmp_path / "crash")
+    alone([*args, "--resume", "true"], tmp_path / "ralone")
+    assert global_step(tmp_path / "crash") > step
