@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from ...core.errors import ExportError
-from ...hooks import hookpoint_layer
 
 NESTED_SIZES_FILE = "matryoshka.json"
 #: Per-layer files of the level decoders: ``W_dec_{P} [P, d]`` and ``b_dec_{P} [d]`` per level P.
@@ -35,23 +34,20 @@ TOPK_KIND_PREFIX = "matryoshka_topk_"
 BASE_MODEL_KINDS = ("transcoder_set", "cross_layer_transcoder")
 ACTIVATIONS = ("topk", "jumprelu")
 
+
 # -- hook names -------------------------------------------------------------------
 
 #: TransformerLens hooks around a block's MLP, as circuit-tracer names them.
 TL_MLP_INPUT_HOOK = "mlp.hook_in"
 TL_MLP_OUTPUT_HOOK = "mlp.hook_out"
 
-def tl_mlp_hooks(hookpoint: str | None = None) -> tuple[str, str]:
-    """(feature_input_hook, feature_output_hook) for an MLP transcoder in circuit-tracer."""
-    if hookpoint is not None:
-        hookpoint_layer(hookpoint)
-    return TL_MLP_INPUT_HOOK, TL_MLP_OUTPUT_HOOK
 
 def model_kind_for(base_kind: str, activation: str) -> str:
     """The ``model_kind`` written to ``config.yaml`` for a base kind and activation."""
     if base_kind not in BASE_MODEL_KINDS:
         raise ExportError(f"model kind {base_kind!r} is unknown; allowed: {', '.join(BASE_MODEL_KINDS)}")
     return TOPK_KIND_PREFIX + base_kind if activation == "topk" else base_kind
+
 
 def base_model_kind(model_kind: str) -> tuple[str, bool]:
     """(circuit-tracer's model kind, whether the activation is the plugin's TopK)."""
@@ -64,7 +60,9 @@ def base_model_kind(model_kind: str) -> tuple[str, bool]:
         )
     return base, topk
 
+
 # -- config.yaml and nested sizes ---------------------------------------------------
+
 
 def write_config_yaml(
     out_dir: Path | str,
@@ -97,6 +95,7 @@ def write_config_yaml(
     (Path(out_dir) / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return config
 
+
 def write_nested_sizes(
     out_dir: Path | str,
     nested_sizes: list[int] | None,
@@ -114,6 +113,7 @@ def write_nested_sizes(
     record = {"nested_sizes": sizes, "width": int(width), **extra}
     (Path(out_dir) / NESTED_SIZES_FILE).write_text(json.dumps(record, indent=2))
 
+
 def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
     """The ``matryoshka.json`` record of an exported directory, or None if absent."""
     path = Path(transcoder_dir) / NESTED_SIZES_FILE
@@ -124,13 +124,16 @@ def read_nested_sizes(transcoder_dir: Path | str) -> dict | None:
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
 
+
 def level_decoder_path(transcoder_dir: Path | str, layer: int) -> Path:
     """Where layer ``layer``'s level decoders live in a transcoder directory."""
     return Path(transcoder_dir) / LEVEL_DECODER_DIR / f"layer_{layer}.safetensors"
 
+
 def level_decoder_keys(size: int) -> tuple[str, str]:
     """The tensor names of level ``size``'s decoder and its full bias."""
     return f"W_dec_{size}", f"b_dec_{size}"
+
 
 def write_calibration_report(out_dir: Path | str, layers: dict[str, dict], exact_layers: list[int]) -> None:
     """Record ``jumprelu_agreement`` per calibrated layer in ``jumprelu_calibration.json``.
@@ -144,6 +147,7 @@ def write_calibration_report(out_dir: Path | str, layers: dict[str, dict], exact
         "layers": layers,
     }
     (Path(out_dir) / CALIBRATION_FILE).write_text(json.dumps(record, indent=2))
+
 
 def read_calibration_report(transcoder_dir: Path | str) -> dict | None:
     """The ``jumprelu_calibration.json`` record of an exported directory, or None if absent."""
