@@ -13,7 +13,6 @@ from sparsify import SparseCoder
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError, UsageError
-from matryoshka_plugin.core.schedules import annealed_level_weights
 from matryoshka_plugin.fit import as_prefix_coder, epoch_row_order, fit_activations, run_defaults
 from matryoshka_plugin.toy import ToyModel, hard_toy_config, oracle_fvu
 
@@ -147,55 +146,6 @@ def test_as_prefix_coder_keeps_a_transcoder_with_skip():
 
 
 # -- level-weight schedule -----------------------------------------------------------
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    start=st.lists(st.floats(0, 10), min_size=3, max_size=3).filter(lambda w: sum(w) > 0),
-    final=st.lists(st.floats(0, 10), min_size=3, max_size=3).filter(lambda w: sum(w) > 0),
-    t0=st.floats(0, 0.95), p=st.floats(0, 1), q=st.floats(0, 1),
-)
-def test_level_weights_move_linearly_from_start_to_final(start, final, t0, p, q):
-    cfg = MatryoshkaConfig(matryoshka=True, level_weights=start, level_weights_final=final,
-                           level_weights_anneal_start=t0)
-    w = annealed_level_weights(cfg, 3, p)
-    assert abs(sum(w) - 1) < 1e-9 and min(w) >= 0
-    norm = lambda v: [a / sum(v) for a in v]  # noqa: E731
-    if p <= t0:
-        assert w == pytest.approx(norm(start))
-    assert annealed_level_weights(cfg, 3, 1.0) == pytest.approx(norm(final))
-    # Each weight moves monotonically from its start value to its final one.
-    lo, hi = sorted((p, q))
-    for a, b, s, f in zip(annealed_level_weights(cfg, 3, lo), annealed_level_weights(cfg, 3, hi),
-                          norm(start), norm(final)):
-        assert (b - a) * (f - s) >= -1e-12
-
-
-def test_trainer_reports_progress_to_the_coder():
-    cfg = MatryoshkaSparseCoderConfig(num_latents=16, k=2, matryoshka=True, nested_sizes=[4],
-                                      level_weights_final=[0, 1])
-    coder = fit_activations(torch.randn(1024, 8), cfg, batch_size=128, seq_len=16,
-                            optimizer="adam", lr_warmup_steps=1)
-    assert coder.training_progress == 1.0
-
-
-@pytest.mark.parametrize("fields, shown", [
-    ({"level_weights_final": [1, -1]}, "level_weights_final=[1, -1]"),
-    ({"level_weights_final": [0, 0]}, "level_weights_final=[0, 0]"),
-    ({"level_weights_final": [1, 1], "prefix_schedule": "pareto"}, "level_weights_final=[1, 1] need"),
-    ({"level_weights_anneal_start": 1.0}, "level_weights_anneal_start=1.0"),
-    ({"level_weights_anneal_start": -0.5}, "level_weights_anneal_start=-0.5"),
-])
-def test_level_weight_schedule_bad_values_are_one_line_errors(fields, shown):
-    with pytest.raises(MatryoshkaConfigError, match=shown.replace("[", r"\[").replace("]", r"\]")) as e:
-        MatryoshkaConfig(matryoshka=True, **fields)
-    assert "\n" not in str(e.value)
-
-
-def test_final_weights_must_match_the_levels():
-    cfg = MatryoshkaConfig(matryoshka=True, nested_sizes=[4], level_weights_final=[1, 1, 1])
-    with pytest.raises(MatryoshkaConfigError, match="level_weights_final has 3 entries"):
-        cfg.resolve_nested_sizes(16, 2)
 
 
 def test_fit_without_a_warmup_warms_up_over_a_tenth_of_its_steps(capsys):

@@ -205,8 +205,6 @@ BAD_FIELD_VALUES = {
     "pareto_shape": [0, -1.0, "wide"],
     "prefix_seed": ["seed"],
     "level_weights": [[-1.0, 2.0], [0.0, 0.0], "equal"],
-    "level_weights_final": [[-1.0, 2.0], [0.0, 0.0], [float("nan")], "late"],
-    "level_weights_anneal_start": [1.0, -0.1, "half"],
     "stop_gradient": ["sometimes"],
     "bias_level": ["sometimes"],
     "nested_decoders": ["sometimes"],

@@ -41,10 +41,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # The full width's weight: 1/5 by default (5 equal levels), 1/2, 3/4.
     "mat_full50": ({"matryoshka": True, "level_weights": [1, 1, 1, 1, 4]}, {}),
     "mat_full75": ({"matryoshka": True, "level_weights": [1, 1, 1, 1, 12]}, {}),
-    # Level-weight schedules: equal weights, then linearly to the full width alone.
-    "mat_anneal_full": ({"matryoshka": True, "level_weights_final": [0, 0, 0, 0, 1]}, {}),
-    "mat_anneal_late": ({"matryoshka": True, "level_weights_final": [0, 0, 0, 0, 1],
-                         "level_weights_anneal_start": 0.75}, {}),
     # The order of rows: reshuffled every epoch (default) or one order repeated.
     "mat_same_order": ({"matryoshka": True}, {"shuffle_epochs": False}),
     "base_same_order": ({}, {"shuffle_epochs": False}),

@@ -21,7 +21,7 @@ from .nested import (
     nested_fvu,
     prefix_decodes,
 )
-from .schedules import PrefixSampler, annealed_level_weights
+from .schedules import PrefixSampler
 from .errors import MatryoshkaError, UsageError
 from .prefixes import check_prefix_len, check_prefix_lens, default_prefix_ladder
 from .truncation import PrefixActivation, truncate_dense, truncate_sparse
@@ -35,7 +35,6 @@ __all__ = [
     "UsageError",
     "PrefixActivation",
     "PrefixSampler",
-    "annealed_level_weights",
     "check_prefix_len",
     "check_prefix_lens",
     "default_prefix_ladder",

@@ -46,12 +46,6 @@ class MatryoshkaConfig:
     level_weights: list[float] = field(default_factory=list)
     """Loss weight of each level (the bias level first, if any); empty means equal; normalised to sum to 1."""
 
-    level_weights_final: list[float] = field(default_factory=list)
-    """Level weights reached at the end of training, moving linearly from level_weights after level_weights_anneal_start; empty keeps level_weights throughout."""
-
-    level_weights_anneal_start: float = 0.5
-    """Fraction of training after which the level weights start moving to level_weights_final."""
-
     stop_gradient: bool = False
     """Detach the previous level's reconstruction in each level's loss (the "delta" loss)."""
 
@@ -112,20 +106,15 @@ class MatryoshkaConfig:
             raise bad(f"min_prefix={self.min_prefix} must be at least 1")
         if not self.pareto_shape > 0:
             raise bad(f"pareto_shape={self.pareto_shape} must be > 0")
-        for name in ("level_weights", "level_weights_final"):
-            weights = getattr(self, name)
-            if any(not 0 <= w < math.inf for w in weights) or (weights and not sum(weights) > 0):
-                raise bad(
-                    f"{name}={weights} must be finite, non-negative and with a positive sum"
-                )
-            if sampled and weights:
-                raise bad(
-                    f"{name}={weights} need prefix_schedule='fixed'; "
-                    f"{self.prefix_schedule!r} draws a different number of levels each step"
-                )
-        if not 0 <= self.level_weights_anneal_start < 1:
+        weights = self.level_weights
+        if any(not 0 <= w < math.inf for w in weights) or (weights and not sum(weights) > 0):
             raise bad(
-                f"level_weights_anneal_start={self.level_weights_anneal_start} must be in [0, 1)"
+                f"level_weights={weights} must be finite, non-negative and with a positive sum"
+            )
+        if sampled and weights:
+            raise bad(
+                f"level_weights={weights} need prefix_schedule='fixed'; "
+                f"{self.prefix_schedule!r} draws a different number of levels each step"
             )
         if sampled and self.nested_decoders:
             raise bad(
@@ -176,14 +165,12 @@ class MatryoshkaConfig:
                     "dictionary or fewer groups"
                 )
         n_levels = len(sizes) + int(self.bias_level)
-        for name in ("level_weights", "level_weights_final"):
-            weights = getattr(self, name)
-            if weights and len(weights) != n_levels:
-                raise bad(
-                    f"{name} has {len(weights)} entries but there are "
-                    f"{n_levels} levels (nested sizes {sizes}"
-                    f"{' plus the bias level' if self.bias_level else ''})"
-                )
+        if self.level_weights and len(self.level_weights) != n_levels:
+            raise bad(
+                f"level_weights has {len(self.level_weights)} entries but there are "
+                f"{n_levels} levels (nested sizes {sizes}"
+                f"{' plus the bias level' if self.bias_level else ''})"
+            )
         return sizes
 
     def normalised_level_weights(self, n_levels: int) -> list[float]:

@@ -3,29 +3,11 @@
 ``fixed`` always uses the resolved nested sizes (Bussmann et al.). ``pareto`` and
 ``uniform`` draw new lengths every step (Nabeshima), always ending at the full width.
 The sampler owns its ``torch.Generator`` so a resumed run draws the same prefixes.
-``annealed_level_weights`` moves the level weights over training (``level_weights_final``).
 """
 
 import torch
 
 from .config import MatryoshkaConfig
-from .prefixes import level_weights
-
-
-def annealed_level_weights(cfg: MatryoshkaConfig, n_levels: int, progress: float) -> list[float]:
-    """This step's level weights (summing to 1) at ``progress`` in [0, 1] of training.
-
-    Until ``level_weights_anneal_start`` they are ``level_weights`` (equal if empty);
-    then they move linearly to ``level_weights_final``, reached at the end.
-    """
-    start = level_weights(cfg, n_levels)
-    final = list(cfg.level_weights_final)
-    if not final or len(final) != n_levels:
-        return start
-    final = [w / sum(final) for w in final]
-    t0 = cfg.level_weights_anneal_start
-    t = min(max((progress - t0) / (1 - t0), 0.0), 1.0)
-    return [(1 - t) * a + t * b for a, b in zip(start, final)]
 
 
 def sample_truncated_pareto(

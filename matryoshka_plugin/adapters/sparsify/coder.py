@@ -22,14 +22,13 @@ from ...core import (
     MatryoshkaConfig,
     MatryoshkaConfigError,
     PrefixSampler,
-    annealed_level_weights,
     cumulative_reconstructions,
     level_decodes,
     nested_fvu,
     prefix_decodes,
 )
 from ...core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
-from ...core.prefixes import with_bias_level
+from ...core.prefixes import level_weights, with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
@@ -112,9 +111,6 @@ class MatryoshkaSparseCoder(SparseCoder):
             torch.tensor(-1.0, device=device, dtype=dtype),
             persistent=False,
         )
-        # Fraction of training done, which the trainer updates after every step; it
-        # moves the level weights when level_weights_final is set.
-        self.training_progress = 0.0
         self._pending_sizes: list[int] | None = None
         self._level_recons: Tensor | None = None
         self._full_recon: Tensor | None = None
@@ -220,7 +216,7 @@ class MatryoshkaSparseCoder(SparseCoder):
         # full_recon = recons[:, -1] + b_dec + skip, so this target is y - b_dec - skip
         # as a function (values and gradients) without recomputing the skip matmul.
         target = y - full_recon + recons[:, -1]
-        weights = annealed_level_weights(self.cfg, len(sizes), self.training_progress)
+        weights = level_weights(self.cfg, len(sizes))
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
         return out._replace(fvu=loss)

@@ -131,13 +131,6 @@ class MatryoshkaTrainer(Trainer):
 
     def _note_optimizer_step(self, *_):
         self._stepped_at = self.global_step
-        self._set_progress(self.global_step + 1)
-
-    def _set_progress(self, batches_done: int) -> None:
-        """Tell each Matryoshka coder how far training is (for its level-weight schedule)."""
-        total = max(1, len(self.dataset) // self.cfg.batch_size)  # sparsify's num_batches
-        for coder in self._matryoshka_coders().values():
-            coder.training_progress = min(batches_done / total, 1.0)
 
     def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
         saes = self.saes if saes is None else saes
@@ -247,7 +240,6 @@ class MatryoshkaTrainer(Trainer):
             self.global_step -= 1
             self._resume_k = super().get_current_k()
             self.global_step += 1
-        self._set_progress(self.global_step)
         single = Path(path) / MATRYOSHKA_STATE_FILE
         state_files = [single] if single.exists() else sorted(Path(path).glob(per_rank_state_file("*")))
         if (coders := self._matryoshka_coders()) and state_files:
