@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tiny import PROMPT, WORDS, build_exported_transcoders
+from tiny import WORDS, build_prompt_graphs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -34,17 +34,10 @@ FEATURE = "cross layer transcoder"
 
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
-    from matryoshka_plugin.cli.circuit_tracer import main
     from matryoshka_plugin.viewer.__main__ import main as viewer_main
 
     root = tmp_path_factory.mktemp("viewer")
-    llama, tc = build_exported_transcoders(root)
-    graphs = root / "graphs"
-    # Without automatic supernodes: their members come pinned in the graph file, and
-    # these tests count the pins a user makes.
-    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
-          "--prefix-len", *map(str, PREFIXES), "--slug", "france", "--graph_file_dir", str(graphs),
-          "--no-supernodes"])
+    llama, tc, graphs = build_prompt_graphs(root, PREFIXES)
     rng = random.Random(0)
     (root / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(800)))
     assert viewer_main(["build", str(graphs), "--transcoder_set", str(tc), "--model", str(llama),

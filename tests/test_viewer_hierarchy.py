@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tiny import PROMPT, build_exported_transcoders
+from tiny import build_prompt_graphs
 
 # browser_page: the same chromium page, served from this module's graph_dir.
 try:
@@ -114,16 +114,7 @@ def expected_count(graph, nodes, pinned):
 
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
-    from matryoshka_plugin.cli.circuit_tracer import main
-
-    root = tmp_path_factory.mktemp("hierarchy")
-    llama, tc = build_exported_transcoders(root)
-    graphs = root / "graphs"
-    # The fixture plants its own parents (write_hierarchy), so the automatic supernodes,
-    # whose members come pinned in the graph file, stay off.
-    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
-          "--prefix-len", *map(str, PREFIXES), "--slug", "france", "--graph_file_dir", str(graphs),
-          "--no-supernodes"])
+    _, _, graphs = build_prompt_graphs(tmp_path_factory.mktemp("hierarchy"), PREFIXES)
     write_hierarchy(graphs, "france", PREFIXES)
     return graphs
 

@@ -190,6 +190,23 @@ def build_exported_transcoders(root: Path) -> tuple[Path, Path]:
     return llama, root / "tc"
 
 
+def build_prompt_graphs(root: Path, prefix_lens) -> tuple[Path, Path, Path]:
+    """``(llama, tc, graphs)``: ``build_exported_transcoders`` under ``root``, and PROMPT's
+    graphs at ``prefix_lens`` (slug ``france``) in ``root/graphs``.
+
+    Without automatic supernodes: their members come pinned in the graph file, and the
+    viewer tests count the pins a user makes (or plant their own parents).
+    """
+    from matryoshka_plugin.cli.circuit_tracer import main
+
+    llama, tc = build_exported_transcoders(root)
+    graphs = root / "graphs"
+    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
+          "--prefix-len", *map(str, prefix_lens), "--slug", "france", "--graph_file_dir", str(graphs),
+          "--no-supernodes"])
+    return llama, tc, graphs
+
+
 def build_tiny_clt(jumprelu: bool, seed: int = 0):
     from circuit_tracer.transcoder.activation_functions import JumpReLU
     from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
