@@ -41,10 +41,12 @@ from matryoshka_plugin.evaluation import prefix_curve, spliced_lm_metrics
 from matryoshka_plugin.evaluation.absorption import (
     AbsorptionConfig,
     ProbeData,
+    Stop,
     absorption_eval,
     alpha_words,
     probe_data,
     residual_reader,
+    stop_after,
 )
 from matryoshka_plugin.fit import HOOKPOINT, fit_activations
 
@@ -70,11 +72,14 @@ def collect_residuals(model, tokenizer, layer: int, n_tokens: int, ctx_len: int)
     rows, seen, batch = [], 0, 8
     block = model.model.layers[layer]
     captured = {}
-    handle = block.register_forward_hook(lambda m, a, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    handle = block.register_forward_hook(stop_after(captured))
     try:
         for start in range(0, len(ds), batch):
             ids = ds[start : start + batch]["input_ids"].long()
-            model.model(ids)  # the LM head is not needed
+            try:
+                model(ids)
+            except Stop:  # the layers above are not needed
+                pass
             keep = ids[:, 1:] != tokenizer.bos_token_id
             rows.append(captured["h"][:, 1:][keep].half())
             seen += int(keep.sum())

@@ -131,11 +131,7 @@ def residual_reader(model, tokenizer, layer: int, batch_size: int = 16) -> Calla
         out = []
         captured = {}
 
-        def hook(mod, args, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-
-        handle = block.register_forward_hook(hook)
+        handle = block.register_forward_hook(stop_after(captured))
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
@@ -148,7 +144,7 @@ def residual_reader(model, tokenizer, layer: int, batch_size: int = 16) -> Calla
                 for group in _same_length(ids):
                     try:
                         model(torch.tensor(group, device=device))
-                    except _Stop:
+                    except Stop:
                         pass
                     out.append(captured["h"][:, WORD_POSITION].float().cpu())
         finally:
@@ -158,8 +154,19 @@ def residual_reader(model, tokenizer, layer: int, batch_size: int = 16) -> Calla
     return read
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by the capture hook: the layers after the one read are not needed."""
+
+
+def stop_after(captured: dict):
+    """A forward hook that keeps the module's output as ``captured["h"]`` and ends the
+    forward pass there (the caller catches ``Stop``)."""
+
+    def hook(mod, args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise Stop
+
+    return hook
 
 
 def _same_length(ids: list[list[int]]) -> list[list[list[int]]]:
