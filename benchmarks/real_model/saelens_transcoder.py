@@ -76,21 +76,23 @@ def main(job_dir: str) -> int:
     job = json.loads((job_dir / "job.json").read_text())
     torch.set_num_threads(job.get("threads", 1))
     data = load_file(str(job_dir / "data.safetensors"))
-    x, y = data["x_train"].float(), data["y_train"].float()
+    x = data["x_train"].float()
     d = x.shape[1]
+    # transcode false (benchmarks/absorption): SAELens' own autoencoder, unchanged.
+    transcode = job.get("transcode", True)
     torch.manual_seed(job["seed"])
-    sae = MatryoshkaBatchTopKTrainingTranscoder(
+    sae = (MatryoshkaBatchTopKTrainingTranscoder if transcode else MatryoshkaBatchTopKTrainingSAE)(
         MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=d,
             d_sae=job["width"],
             k=job["k"],
             matryoshka_widths=list(job["nested_sizes"]),
-            apply_b_dec_to_input=False,
+            apply_b_dec_to_input=not transcode,
             device="cpu",
             dtype="float32",
         )
     )
-    xy = torch.cat([x, y], dim=1)
+    xy = torch.cat([x, data["y_train"].float()], dim=1) if transcode else x
     steps = xy.shape[0] // job["batch_size"] * job["epochs"]
     warmup = job["lr_warmup_steps"]
     cfg = SAETrainerConfig(

@@ -15,10 +15,13 @@ activation, as in ``core.truncation.truncate_sparse``.
   recovered and KL per prefix.
 - ``report``: all activation-level metrics as one JSON-ready dict (``evaluate``), and
   its plot.
+- ``absorption``: SAEBench's first-letter feature absorption (Chanin et al.), ported
+  to torch: ``probe_data`` once per model, ``absorption_eval`` per coder.
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
 """
 
+from .absorption import absorption_eval, probe_data, residual_reader
 from .checkpoint import evaluate_checkpoint
 from .latent_stats import latent_activation_sums, latent_stats
 from .power_law import dictionary_power_law, power_law_fit
@@ -28,6 +31,7 @@ from .report import coder_summary, evaluate, plot_report, save_report
 from .splice import spliced, spliced_lm_metrics
 
 __all__ = [
+    "absorption_eval",
     "coder_summary",
     "default_prefix_lens",
     "dictionary_power_law",
@@ -39,8 +43,10 @@ __all__ = [
     "plot_report",
     "power_law_fit",
     "prefix_curve",
+    "probe_data",
     "reconstruct",
     "reorder_by_mean_squared_activation",
+    "residual_reader",
     "rsa",
     "save_report",
     "spliced",
