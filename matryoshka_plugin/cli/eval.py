@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import UsageError
-from ..evaluation.checkpoint import evaluate_checkpoint
+from ..evaluation.checkpoint import evaluate_checkpoint, resolve_coder_dir
+from ..evaluation.meta_sae import META_K, META_STEPS, coder_meta_sae
 from ..evaluation.report import save_report
 from .runner import run
 
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splice (and ablate) positions >= this; earlier ones keep the model's output "
                    "(1 for coders trained without position 0)")
     p.add_argument("--lm-batch-size", type=int, default=8, help="sequences per language-model batch")
+    p.add_argument("--meta-sae", action="store_true",
+                   help="train a small TopK meta-SAE on the unit decoder rows and report its FVU per "
+                   "level (JSON 'meta_sae'; higher = more disentangled latents)")
+    p.add_argument("--meta-width", type=int, help="meta-SAE latents (default: dictionary width / 8)")
+    p.add_argument("--meta-k", type=int, default=META_K, help="active meta-latents per decoder row (default %(default)s)")
+    p.add_argument("--meta-steps", type=int, default=META_STEPS, help="meta-SAE full-batch Adam steps (default %(default)s)")
+    p.add_argument("--meta-seed", type=int, default=0, help="meta-SAE initialisation seed")
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON output path")
     p.add_argument("--plot", type=Path, help="PNG plot path (default: the JSON path with .png)")
     p.add_argument("--device", default="cpu")
@@ -62,10 +70,12 @@ def _check_flags(args: argparse.Namespace, plot_path: Path) -> None:
     for flag, path in (("--out", args.out), ("--plot", plot_path)):
         if not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: {path.parent} is not a directory")
-    for name in ("max_rows", "lm_batch_size"):
+    for name in ("max_rows", "lm_batch_size", "meta_width", "meta_k", "meta_steps"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} {v} must be at least 1")
+    if args.meta_width is not None and args.meta_k > args.meta_width:
+        raise UsageError(f"--meta-k {args.meta_k} exceeds --meta-width {args.meta_width}; allowed: 1..{args.meta_width}")
     if args.rsa_samples < 0:
         raise UsageError(f"--rsa-samples {args.rsa_samples} must be >= 0")
     if not 0 <= args.dense_threshold <= 1:
@@ -76,16 +86,30 @@ def _check_flags(args: argparse.Namespace, plot_path: Path) -> None:
         raise UsageError("--model and --tokens go together")
 
 
+def _meta_sae(args: argparse.Namespace, prefix_lens: list[int] | None) -> dict:
+    """The meta-SAE section: levels from --prefix-lens, else the coder's nested sizes."""
+    from ..adapters.sparsify import load_coder
+
+    coder = load_coder(resolve_coder_dir(args.checkpoint, args.hookpoint), device=args.device)
+    levels = None if prefix_lens is None else sorted(set(prefix_lens))
+    section = coder_meta_sae(coder, levels, meta_width=args.meta_width, meta_k=args.meta_k,
+                             steps=args.meta_steps, seed=args.meta_seed)
+    fvus = ", ".join(f"{lv['start']}-{lv['end']}: {lv['fvu']:.3f}" for lv in section["levels"])
+    print(f"meta-SAE FVU per level (higher = more disentangled): {fvus}")
+    return section
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plot_path = args.plot or args.out.with_suffix(".png")
 
     def body() -> None:
         _check_flags(args, plot_path)
+        prefix_lens = _parse_prefix_lens(args.prefix_lens)
         result = evaluate_checkpoint(
             args.checkpoint, args.data,
             hookpoint=args.hookpoint,
-            prefix_lens=_parse_prefix_lens(args.prefix_lens),
+            prefix_lens=prefix_lens,
             max_rows=args.max_rows,
             rsa_samples=args.rsa_samples,
             dense_threshold=args.dense_threshold,
@@ -97,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lm_batch_size=args.lm_batch_size,
             device=args.device,
         )
+        if args.meta_sae:
+            result["meta_sae"] = _meta_sae(args, prefix_lens)
         save_report(result, args.out, plot_path, title=str(args.checkpoint))
         fvus = ", ".join(f"P={r['prefix_len']}: {r['fvu']:.4f}" for r in result["prefix"])
         print(f"FVU per prefix: {fvus}")

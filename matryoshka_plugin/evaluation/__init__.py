@@ -15,12 +15,15 @@ activation, as in ``core.truncation.truncate_sparse``.
   recovered and KL per prefix.
 - ``report``: all activation-level metrics as one JSON-ready dict (``evaluate``), and
   its plot.
+- ``meta_sae``: meta-SAE composition (``coder_meta_sae``): a small TopK coder trained on
+  the unit decoder rows; its FVU per level (higher = more disentangled latents).
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
 """
 
 from .checkpoint import evaluate_checkpoint
 from .latent_stats import latent_activation_sums, latent_stats
+from .meta_sae import coder_meta_sae, meta_sae_composition
 from .power_law import dictionary_power_law, power_law_fit
 from .prefix_metrics import default_prefix_lens, prefix_curve, reconstruct, rsa
 from .reorder import permute_latents, reorder_by_mean_squared_activation
@@ -28,6 +31,7 @@ from .report import coder_summary, evaluate, plot_report, save_report
 from .splice import spliced, spliced_lm_metrics
 
 __all__ = [
+    "coder_meta_sae",
     "coder_summary",
     "default_prefix_lens",
     "dictionary_power_law",
@@ -35,6 +39,7 @@ __all__ = [
     "evaluate_checkpoint",
     "latent_activation_sums",
     "latent_stats",
+    "meta_sae_composition",
     "permute_latents",
     "plot_report",
     "power_law_fit",
