@@ -17,11 +17,16 @@ activation, as in ``core.truncation.truncate_sparse``.
   its plot.
 - ``meta_sae``: meta-SAE composition (``coder_meta_sae``): a small TopK coder trained on
   the unit decoder rows; its FVU per level (higher = more disentangled latents).
+- ``autointerp``: Sort Eval and Contrastive Eval per level (``autointerp``), judged by an
+  ``explainers`` backend: an OpenAI-compatible endpoint (``ChatJudge``) or a local LM
+  (``LocalJudge``, SmolLM2 by default: a weak stand-in).
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
 """
 
+from .autointerp import autointerp
 from .checkpoint import evaluate_checkpoint
+from .explainers import ChatJudge, LocalJudge
 from .latent_stats import latent_activation_sums, latent_stats
 from .meta_sae import coder_meta_sae, meta_sae_composition
 from .power_law import dictionary_power_law, power_law_fit
@@ -31,6 +36,9 @@ from .report import coder_summary, evaluate, plot_report, save_report
 from .splice import spliced, spliced_lm_metrics
 
 __all__ = [
+    "ChatJudge",
+    "LocalJudge",
+    "autointerp",
     "coder_meta_sae",
     "coder_summary",
     "default_prefix_lens",
