@@ -1,7 +1,9 @@
 """``matryoshka-eval``: evaluate a saved coder as a progressive coder.
 
 Argument parsing only; the work is ``evaluation.checkpoint.evaluate_checkpoint`` and
-``evaluation.report.save_report``.
+``evaluation.report.save_report``, plus ``evaluation.meta_sae`` (``--meta-sae``) and
+``evaluation.autointerp`` with an ``evaluation.explainers`` judge (``--autointerp``), each
+adding its own section to the JSON report.
 """
 
 import argparse
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Evaluate a sparsify or Matryoshka coder as a progressive coder: "
         "FVU/MSE/RSA per prefix, L0, dead/dense latents, frequency per level, "
-        "dictionary power law; optionally loss recovered/KL in a language model.",
+        "dictionary power law; optionally loss recovered/KL in a language model, meta-SAE "
+        "composition (--meta-sae) and LLM-judged Sort/Contrastive Eval (--autointerp).",
     )
     p.add_argument("checkpoint", type=Path, help="coder directory (cfg.json + sae.safetensors) or a run directory")
     p.add_argument("--data", type=Path, required=True, help="held-out activations: safetensors with 'inputs' (and 'targets' for transcoders)")
