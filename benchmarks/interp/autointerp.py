@@ -28,10 +28,14 @@ def run(args) -> dict:
     model, tokenizer = load_pretrained(SMOLLM2), load_tokenizer(SMOLLM2)
     judge = LocalJudge(SMOLLM2)
     results = {}
+    levels = args.levels
     for name, path in args.coder:
         coder = load_coder(Path(path))
+        # Every coder is cut at the first one's levels (its nested sizes unless --levels):
+        # a plain TopK coder would otherwise get powers of two, not comparable groups.
+        levels = levels or list(coder.nested_sizes)
         started = time.time()
-        section = autointerp(model, tokenizer, coder, hookpoint_layer(Path(path).name), texts, judge, args.levels,
+        section = autointerp(model, tokenizer, coder, hookpoint_layer(Path(path).name), texts, judge, levels,
                              n_tokens=args.tokens, latents_per_level=args.latents, examples=args.examples,
                              n_pairs=args.pairs, seed=args.seed)
         section["seconds"] = round(time.time() - started, 1)
@@ -72,7 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--coder", action="append", required=True, type=lambda s: tuple(s.split("=", 1)),
                    help="NAME=DIR of a coder on an MLP hookpoint (layers.N.mlp); repeat for several")
     p.add_argument("--levels", type=lambda s: [int(t) for t in s.split(",")], default=None,
-                   help="level ends (default: each coder's nested sizes)")
+                   help="level ends (default: the first coder's nested sizes, for every coder)")
     p.add_argument("--tokens", type=int, default=4096, help="corpus tokens scanned for top contexts")
     p.add_argument("--latents", type=int, default=2, help="Sort Eval latents per level")
     p.add_argument("--examples", type=int, default=3, help="contexts shown (and held out) per latent")
