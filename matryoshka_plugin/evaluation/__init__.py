@@ -17,13 +17,21 @@ activation, as in ``core.truncation.truncate_sparse``.
   its plot.
 - ``absorption``: SAEBench's first-letter feature absorption (Chanin et al.), ported
   to torch: ``probe_data`` once per model, ``absorption_eval`` per coder.
+- ``meta_sae``: meta-SAE composition (``coder_meta_sae``): a small TopK coder trained on
+  the unit decoder rows; its FVU per level (higher = more disentangled latents).
+- ``autointerp``: Sort Eval and Contrastive Eval per level (``autointerp``), judged by an
+  ``explainers`` backend: an OpenAI-compatible endpoint (``ChatJudge``) or a local LM
+  (``LocalJudge``, SmolLM2 by default: a weak stand-in).
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
 """
 
 from .absorption import absorption_eval, probe_data, residual_reader
+from .autointerp import autointerp
 from .checkpoint import evaluate_checkpoint
+from .explainers import ChatJudge, LocalJudge
 from .latent_stats import latent_activation_sums, latent_stats
+from .meta_sae import coder_meta_sae, meta_sae_composition
 from .power_law import dictionary_power_law, power_law_fit
 from .prefix_metrics import default_prefix_lens, prefix_curve, reconstruct, rsa
 from .reorder import permute_latents, reorder_by_mean_squared_activation
@@ -32,6 +40,10 @@ from .splice import spliced, spliced_lm_metrics
 
 __all__ = [
     "absorption_eval",
+    "ChatJudge",
+    "LocalJudge",
+    "autointerp",
+    "coder_meta_sae",
     "coder_summary",
     "default_prefix_lens",
     "dictionary_power_law",
@@ -39,6 +51,7 @@ __all__ = [
     "evaluate_checkpoint",
     "latent_activation_sums",
     "latent_stats",
+    "meta_sae_composition",
     "permute_latents",
     "plot_report",
     "power_law_fit",

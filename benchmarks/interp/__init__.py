@@ -1,0 +1,1 @@
+"""Interpretability benchmarks (issue #19): meta-SAE composition and automated interpretability."""
