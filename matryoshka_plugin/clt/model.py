@@ -486,8 +486,13 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> Matryoshka
     clt = MatryoshkaCLT(int(d["d_model"]), list(d["layers"]), cfg, device=device)
     if cfg.matryoshka and "nested_sizes_by_layer" in d:
         shared = shared_nested_sizes(d["nested_sizes_by_layer"])
-        # Sampled schedules record the width only; fixed ones must match the config.
-        if shared and shared != clt.nested_sizes:
+        # Sampled schedules record the width only; fixed ones must match the config;
+        # the adaptive schedule records where training left its levels.
+        n_levels = len(clt.nested_sizes)
+        increasing = all(0 < a < b for a, b in zip(shared, shared[1:]))
+        if cfg.prefix_schedule == "adaptive" and increasing and len(shared) == n_levels and shared[-1] == clt.num_latents:
+            clt.sampler.fixed_sizes = list(shared)
+        elif shared and shared != clt.nested_sizes:
             raise CLTError(
                 f"{path / CONFIG_FILE}: recorded nested sizes {shared} do not match the "
                 f"config's {clt.nested_sizes}"
