@@ -131,3 +131,26 @@ def test_clt_resume_equals_an_uninterrupted_run(cache, tmp_path, fields):
     assert resumed.nested_sizes == straight.nested_sizes
     if "prefix_schedule" in fields:
         assert straight.nested_sizes != [4, 12, 32], "the sizes never moved: nothing tested"
+
+
+def test_options_round_trip_through_config_files_and_coder_checkpoints(tmp_path):
+    import json
+
+    from matryoshka_plugin.adapters.sparsify import load_coder
+    from matryoshka_plugin.adapters.sparsify.run_config import read_config_file
+
+    fields = {"matryoshka": True, "prefix_schedule": "adaptive", "adaptive_every": 7, "permute_every": 3}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"sae": fields}))
+    sae = read_config_file(str(path)).sae
+    assert (sae.prefix_schedule, sae.adaptive_every, sae.permute_every) == ("adaptive", 7, 3)
+    path.write_text(json.dumps({"sae": {**fields, "adaptive_every": "7"}}))
+    with pytest.raises(Exception, match="adaptive_every") as e:
+        read_config_file(str(path))
+    assert "\n" not in str(e.value)
+    coder = MatryoshkaSparseCoder(8, MatryoshkaSparseCoderConfig(num_latents=32, k=2, **fields))
+    coder.save_to_disk(tmp_path / "coder")
+    loaded = load_coder(tmp_path / "coder")
+    assert (loaded.cfg.prefix_schedule, loaded.cfg.adaptive_every, loaded.cfg.permute_every) == ("adaptive", 7, 3)
+    clt = CLTConfig(matryoshka=True, prefix_schedule="adaptive", adaptive_every=5)
+    assert CLTConfig.from_dict(clt.to_dict()) == clt
