@@ -40,9 +40,13 @@ CASES: dict[str, dict] = {
     "uniform_multi_topk": dict(num_latents=64, k=4, prefix_schedule="uniform", multi_topk=True),
     "nested_decoders": dict(num_latents=48, k=6, nested_sizes=[12, 24], nested_decoders=True),
     "batch_topk": dict(num_latents=64, k=4, nested_sizes=[16], batch_topk=True),
+    # The sizes move before steps 2 and 3 (of the coder run) and every step in training.
+    "adaptive": dict(num_latents=64, k=8, nested_sizes=[8, 24], prefix_schedule="adaptive", adaptive_every=1),
+    # Reordered once at the end of the coder run, and before every training step after the first.
+    "permute": dict(num_latents=64, k=8, nested_sizes=[8, 24], permute_every=1),
 }
 # Cases also trained end to end through sparsify's Trainer.
-TRAIN_CASES = ["pareto", "nested_decoders", "sizes_weights_bias_skip"]
+TRAIN_CASES = ["pareto", "nested_decoders", "sizes_weights_bias_skip", "adaptive", "permute"]
 
 
 def classes(side: str):
@@ -101,8 +105,11 @@ def run_case(name: str, kwargs: dict, side: str, out: Path) -> None:
                     p -= LR * p.grad
                     p.grad = None
         coder.set_decoder_norm_to_unit_norm()
+    if kwargs.get("permute_every"):
+        record["permutation"] = coder.permute_by_mass()
     for pname, p in params.items():
         record[f"param.{pname}"] = p.detach().clone()
+    record["nested_sizes"] = torch.tensor(coder.nested_sizes)
     record["sampler_state"] = coder.sampler.generator.get_state()
     record["batch_topk_threshold"] = coder.batch_topk_threshold.detach().clone()
     coder.eval()

@@ -116,12 +116,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, variant_table=VARIANTS, module="benchmarks.quality.run", stem="results"):
+    """``variant_table``, ``module`` and ``stem``: another benchmark's variants, name and
+    output files, run on this one's grid (``benchmarks.quality.adaptive``)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=__doc__.splitlines()[0])
     # The hard toy's true L0 is 3.7 on average and above 6 on some rows: k=2 is below
     # it, k=6 above the mean, k=12 above it on nearly every row.
     p.add_argument("--settings", type=lambda s: s.split(","), default=["w2_k2", "w2_k6", "w2_k12", "w4_k2", "w4_k6", "w4_k12"])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(variant_table))
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK for every variant and the baseline")
     p.add_argument("--seeds", type=lambda s: [int(t) for t in s.split(",")], default=[0])
     p.add_argument("--train-rows", type=int, default=65536)
@@ -133,9 +135,9 @@ def main(argv=None):
     p.add_argument("--out-dir", default=HERE)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in variant_table]
     if unknown:
-        p.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {unknown}; allowed: {', '.join(variant_table)}")
     variants = ["base", *[v for v in args.variants if v != "base"]]
     toy = ToyModel(hard_toy_config())
     x_train, _ = toy.sample(args.train_rows, seed=1000)
@@ -151,7 +153,7 @@ def main(argv=None):
             "fvu_full_absorption": oracle_fvu(toy, f_test, k, absorb=True),
         }
         for v in variants:
-            fields, kwargs = VARIANTS[v]
+            fields, kwargs = variant_table[v]
             fields = {**fields, "batch_topk": args.batch_topk}
             runs = []
             for seed in args.seeds:
@@ -160,15 +162,15 @@ def main(argv=None):
                 per_run.append({"setting": s["name"], "variant": v, "seed": seed, "width": width, "k": k, **m})
                 print(s["name"], v, seed, {a: round(b, 4) for a, b in m.items()}, flush=True)
             results[s["name"]][v] = runs
-    meta = provenance("benchmarks.quality.run", argv)
+    meta = provenance(module, argv)
     rows = ratio_rows(results, variants)
     for r in rows:
         r.update(oracles[r["setting"]])
     tag = "_batch_topk" if args.batch_topk else ""
     write_json({**meta, "args": vars(args), "true_l0": toy.cfg.true_l0(), "runs": per_run, "ratios": rows},
-               os.path.join(args.out_dir, f"results{tag}.json"))
+               os.path.join(args.out_dir, f"{stem}{tag}.json"))
     table = markdown(rows, meta)
-    write_markdown(table.splitlines(), os.path.join(args.out_dir, f"results{tag}.md"))
+    write_markdown(table.splitlines(), os.path.join(args.out_dir, f"{stem}{tag}.md"))
     print(table)
 
 

@@ -39,6 +39,7 @@ from ..core.cross_layer import (
     target_variance,
 )
 from ..core.errors import CLTError
+from ..core.permutation import LatentMass, permute_latents
 from ..core.prefixes import level_weights, with_bias_level
 
 CONFIG_FILE = "config.json"
@@ -74,6 +75,12 @@ class CLTConfig(MatryoshkaConfig):
         if self.num_latents < 1 or self.k < 1:
             raise MatryoshkaConfigError(
                 f"num_latents={self.num_latents} and k={self.k} must be positive"
+            )
+        if self.permute_every and self.prefix_schedule == "adaptive":
+            raise MatryoshkaConfigError(
+                f"permute_every={self.permute_every} reorders each source layer's latents "
+                "its own way, and prefix_schedule='adaptive' places one set of sizes from "
+                "their summed mass: a CLT takes one of them"
             )
 
     def to_dict(self) -> dict:
@@ -173,6 +180,8 @@ class MatryoshkaCLT(nn.Module):
         )
         self.source: dict = {}
         """Where the CLT came from (model, n_model_layers, hookpoints); saved with it."""
+        self.latent_mass = [LatentMass(M) for _ in range(L)]
+        """Each source layer's activation mass since the last reorder (``permute_every``)."""
 
     # -- shapes and checks ---------------------------------------------------
     @property
@@ -295,6 +304,11 @@ class MatryoshkaCLT(nn.Module):
             sizes = [*sizes, self.num_latents]
         y = y.to(self.b_dec.dtype)
         codes = self.encode(x)
+        if self.training and self.cfg.matryoshka:
+            for c, mass in zip(codes, self.latent_mass):
+                self.sampler.observe(c.top_acts, c.top_indices)
+                if self.cfg.permute_every:
+                    mass.observe(c.top_acts, c.top_indices)
         recons = self.level_recons(codes, sizes)
         total_variance = target_variance(y)
         weights = level_weights(self.cfg, len(sizes))
@@ -342,6 +356,33 @@ class MatryoshkaCLT(nn.Module):
             err = (e_hat - residual[:, s:]).pow(2).sum(dim=(0, 2)) / total_variance[s:]
             auxk = auxk + scale * err.sum()
         return auxk
+
+    # -- latent permutation (permute_every) ---------------------------------------
+    @torch.no_grad()
+    def permute_by_mass(self, optimizers=(), since_fired: Tensor | None = None) -> list[Tensor]:
+        """Reorder each source layer's latents by its mass since the last reorder, largest
+        first, and reset it: encoder rows and bias, decoder rows, their optimizer state
+        and row ``s`` of ``since_fired``. The CLT's output is unchanged. Returns each
+        source's permutation (new latent ``i`` is old latent ``perm[i]``)."""
+        perms = []
+        for s, mass in enumerate(self.latent_mass):
+            perm = mass.order()
+            tensors = [(self.W_enc[s], 0), (self.b_enc[s], 0), (self.W_dec[s], 0)]
+            if since_fired is not None:
+                tensors.append((since_fired[s], 0))
+            permute_latents(tensors, perm, optimizers)
+            mass.reset()
+            perms.append(perm)
+        return perms
+
+    def latent_mass_state(self) -> list[dict]:
+        return [mass.state_dict() for mass in self.latent_mass]
+
+    def load_latent_mass_state(self, state: list[dict]) -> None:
+        if len(state) != len(self.latent_mass):
+            raise ValueError(f"latent mass of {len(state)} source layers, expected {len(self.latent_mass)}")
+        for mass, part in zip(self.latent_mass, state):
+            mass.load_state_dict(part)
 
     # -- evaluation --------------------------------------------------------------
     @torch.no_grad()
@@ -445,8 +486,13 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> Matryoshka
     clt = MatryoshkaCLT(int(d["d_model"]), list(d["layers"]), cfg, device=device)
     if cfg.matryoshka and "nested_sizes_by_layer" in d:
         shared = shared_nested_sizes(d["nested_sizes_by_layer"])
-        # Sampled schedules record the width only; fixed ones must match the config.
-        if shared and shared != clt.nested_sizes:
+        # Sampled schedules record the width only; fixed ones must match the config;
+        # the adaptive schedule records where training left its levels.
+        n_levels = len(clt.nested_sizes)
+        increasing = all(0 < a < b for a, b in zip(shared, shared[1:]))
+        if cfg.prefix_schedule == "adaptive" and increasing and len(shared) == n_levels and shared[-1] == clt.num_latents:
+            clt.sampler.fixed_sizes = list(shared)
+        elif shared and shared != clt.nested_sizes:
             raise CLTError(
                 f"{path / CONFIG_FILE}: recorded nested sizes {shared} do not match the "
                 f"config's {clt.nested_sizes}"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..atomic import check_writable_dir
+from ..core.config import SAMPLED_SCHEDULES
 from ..core.errors import CLTError
 from ..core.plain_state import load_plain_state
 from .cache import ActivationCache
@@ -110,7 +111,7 @@ def default_lr(optimizer: str, num_latents: int) -> float:
 
 def eval_prefix_lens(clt: MatryoshkaCLT) -> list[int]:
     """The nested sizes, or for a sampled schedule a doubling ladder up to the width."""
-    if clt.cfg.matryoshka and clt.cfg.prefix_schedule == "fixed":
+    if clt.cfg.matryoshka and clt.cfg.prefix_schedule not in SAMPLED_SCHEDULES:
         return clt.nested_sizes
     M = clt.num_latents
     lens = sorted({max(1, M >> s) for s in range(5)})
@@ -163,6 +164,8 @@ def resume_from(ckpt: Path, clt: MatryoshkaCLT, opt, sched) -> tuple[torch.Tenso
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         clt.sampler.load_state_dict(state["sampler"])
+        if clt.cfg.permute_every:
+            clt.load_latent_mass_state(state["latent_mass"])
         since_fired = state["since_fired"].to(clt.device, torch.long)
         history, step = list(state["history"]), int(state["step"])
         if since_fired.shape != (clt.n_layers, clt.num_latents) or len(history) != step:
@@ -208,6 +211,10 @@ def _train_clt_on(device: torch.device, cfg: CLTTrainConfig, show_progress: bool
     cache = ActivationCache(cfg.cache)
     layers = cache.check_layers(cfg.layers or cache.layers)
     rank, world = distributed.rank(), distributed.world_size()
+    adaptive = cfg.clt.matryoshka and cfg.clt.prefix_schedule == "adaptive"
+    if world > 1 and (cfg.clt.permute_every or adaptive):
+        what = f"permute_every={cfg.clt.permute_every}" if cfg.clt.permute_every else "prefix_schedule='adaptive'"
+        raise CLTError(f"{what} runs in a single process only: each rank would follow its own batches' activations")
     # Equal shards: every rank must take the same number of steps.
     shard = cache.n_tokens // world
     x_all, y_all = cache.load(layers, dtype=None, rows=slice(rank * shard, (rank + 1) * shard))
@@ -256,6 +263,7 @@ def _train_clt_on(device: torch.device, cfg: CLTTrainConfig, show_progress: bool
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "sampler": clt.sampler.state_dict(),
+            "latent_mass": clt.latent_mass_state(),
             "since_fired": since_fired.cpu(),
             "history": history,
             "step": step,
@@ -296,6 +304,8 @@ def _train_clt_on(device: torch.device, cfg: CLTTrainConfig, show_progress: bool
         if world > 1:  # a latent that fired on any rank fired
             dist.all_reduce(since_fired, op=dist.ReduceOp.MIN)
         step += 1
+        if cfg.clt.permute_every and step % cfg.clt.permute_every == 0:
+            clt.permute_by_mass([opt], since_fired)
         loss, fvu = out.loss.detach().clone(), out.fvu.detach().clone()
         _average_over_ranks(loss, fvu)
         row = {

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 from .errors import MatryoshkaConfigError
 
-PrefixScheduleName = Literal["fixed", "pareto", "uniform"]
-PREFIX_SCHEDULES: tuple[str, ...] = ("fixed", "pareto", "uniform")
+PrefixScheduleName = Literal["fixed", "pareto", "uniform", "adaptive"]
+PREFIX_SCHEDULES: tuple[str, ...] = ("fixed", "pareto", "uniform", "adaptive")
+SAMPLED_SCHEDULES: tuple[str, ...] = ("pareto", "uniform")
+"""The schedules that draw new prefix lengths every step (the others keep a fixed number of levels)."""
 
 # Bussmann et al. (2025): groups of 1/16, 1/16, 1/8, 1/4 and 1/2 of the width.
 BUSSMANN_GROUP_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -29,7 +31,10 @@ class MatryoshkaConfig:
     """Group widths as fractions of the width summing to 1, used when nested_sizes is empty; empty means Bussmann's 1/16,1/16,1/8,1/4,1/2."""
 
     prefix_schedule: PrefixScheduleName = "fixed"
-    """How each step's prefixes are chosen: fixed nested sizes, or pareto/uniform samples drawn every step."""
+    """How each step's prefixes are chosen: fixed nested sizes, pareto/uniform samples drawn every step, or adaptive (see adaptive_every)."""
+
+    adaptive_every: int = 100
+    """prefix_schedule='adaptive': every this many training steps, move each nested size to the shortest prefix holding its share (size / width of the configured sizes) of the activation mass seen since the last move."""
 
     num_prefixes: int = 10
     """Prefix lengths drawn per step by a sampled schedule, before duplicates are dropped."""
@@ -60,6 +65,9 @@ class MatryoshkaConfig:
 
     batch_topk_momentum: float = 0.99
     """EMA momentum of the BatchTopK inference threshold."""
+
+    permute_every: int = 0
+    """Every this many optimizer steps, reorder latents by their activation mass since the last reorder, largest first (0: never)."""
 
     def __post_init__(self):
         self.validate_matryoshka()
@@ -94,7 +102,7 @@ class MatryoshkaConfig:
                 f"group_fractions={fracs} must be positive and sum to 1 "
                 "(each is one group's share of the width)"
             )
-        sampled = self.prefix_schedule != "fixed"
+        sampled = self.prefix_schedule in SAMPLED_SCHEDULES
         if sampled and (sizes or fracs):
             raise bad(
                 f"nested_sizes/group_fractions apply to prefix_schedule='fixed', "
@@ -121,6 +129,31 @@ class MatryoshkaConfig:
                 f"nested_decoders=True needs prefix_schedule='fixed'; "
                 f"{self.prefix_schedule!r} draws new prefix lengths every step"
             )
+        for name, low in (("adaptive_every", 1), ("permute_every", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise bad(f"{name}={value!r} is not allowed; expected an integer >= {low}")
+        adaptive = self.prefix_schedule == "adaptive"
+        if adaptive and self.nested_decoders:
+            raise bad(
+                "prefix_schedule='adaptive' moves the nested sizes; nested_decoders=True "
+                "gives each level a decoder of fixed width: use one of them"
+            )
+        if adaptive and weights:
+            raise bad(
+                f"level_weights={weights} weight levels whose sizes prefix_schedule='adaptive' "
+                "moves during training; use prefix_schedule='fixed' or drop level_weights"
+            )
+        if self.permute_every and not self.matryoshka:
+            raise bad(
+                f"permute_every={self.permute_every} orders latents for the nested loss; "
+                "it needs matryoshka=true"
+            )
+        if self.permute_every and self.nested_decoders:
+            raise bad(
+                f"permute_every={self.permute_every} would move latents across the levels, "
+                "but nested_decoders=True holds rows only for each level's own prefix"
+            )
         if not 0 <= self.batch_topk_momentum < 1:
             raise bad(
                 f"batch_topk_momentum={self.batch_topk_momentum} must be in [0, 1)"
@@ -129,12 +162,13 @@ class MatryoshkaConfig:
     def resolve_nested_sizes(self, num_latents: int, k: int) -> list[int]:
         """The fixed prefix lengths for a dictionary of ``num_latents``, ending at the width.
 
-        For sampled schedules this is the full width alone; the sampler adds the rest.
+        For sampled schedules this is the full width alone; the sampler adds the rest. For
+        the adaptive schedule these are the sizes it starts from.
         """
         bad = MatryoshkaConfigError
         if k > num_latents:
             raise bad(f"k={k} exceeds the width num_latents={num_latents}")
-        if self.prefix_schedule != "fixed":
+        if self.prefix_schedule in SAMPLED_SCHEDULES:
             if self.min_prefix >= num_latents:
                 raise bad(
                     f"min_prefix={self.min_prefix} must be below the width "

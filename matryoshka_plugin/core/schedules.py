@@ -2,12 +2,16 @@
 
 ``fixed`` always uses the resolved nested sizes (Bussmann et al.). ``pareto`` and
 ``uniform`` draw new lengths every step (Nabeshima), always ending at the full width.
-The sampler owns its ``torch.Generator`` so a resumed run draws the same prefixes.
+``adaptive`` starts from the resolved sizes and every ``adaptive_every`` steps moves
+them to where the activation mass says (``adaptive_sizes``). The sampler owns its
+``torch.Generator`` and statistics so a resumed run uses the same prefixes.
 """
 
 import torch
+from torch import Tensor
 
-from .config import MatryoshkaConfig
+from .config import SAMPLED_SCHEDULES, MatryoshkaConfig
+from .permutation import LatentMass
 
 
 def sample_truncated_pareto(
@@ -20,6 +24,26 @@ def sample_truncated_pareto(
     return x.floor().long().clamp(low, high - 1)
 
 
+def adaptive_sizes(mass: Tensor, shares: list[int], width: int) -> list[int]:
+    """Nested sizes from per-latent mass: size ``l`` is the shortest prefix whose latents
+    hold at least ``shares[l] / width`` of the total mass, kept strictly increasing and
+    below ``width`` (which ends the list). With equal mass per latent this gives back
+    ``shares`` itself; with no mass at all, too.
+    """
+    total = mass.sum()
+    if not total > 0:
+        return [*shares, width]
+    # cum * width >= share * total rather than cum / total >= share / width: no division,
+    # so equal integer masses give back `shares` exactly.
+    cum = mass.cumsum(0) * width
+    sizes, n_inner = [], len(shares)
+    for level, share in enumerate(shares):
+        p = int(torch.searchsorted(cum, share * total)) + 1
+        low = sizes[-1] + 1 if sizes else 1
+        sizes.append(min(max(p, low), width - (n_inner - level)))
+    return [*sizes, width]
+
+
 class PrefixSampler:
     """Yields each step's strictly increasing prefix lengths, the last being the width."""
 
@@ -30,13 +54,28 @@ class PrefixSampler:
         # fractions are unused and must not reject a narrow dictionary.
         self.fixed_sizes = cfg.resolve_nested_sizes(num_latents, k) if cfg.matryoshka else [num_latents]
         self.generator = torch.Generator().manual_seed(cfg.prefix_seed)
+        self.adaptive = cfg.matryoshka and cfg.prefix_schedule == "adaptive"
+        # The adaptive schedule's targets: the configured sizes, as shares of the width.
+        self.shares = list(self.fixed_sizes[:-1])
+        self.mass = LatentMass(num_latents)
+        self.steps = 0
 
     @property
     def sampled(self) -> bool:
-        return self.cfg.prefix_schedule != "fixed"
+        return self.cfg.prefix_schedule in SAMPLED_SCHEDULES
+
+    def observe(self, top_acts: Tensor, top_indices: Tensor) -> None:
+        """Count a training step's activations towards the adaptive schedule's next move."""
+        if self.adaptive:
+            self.mass.observe(top_acts, top_indices)
 
     def __call__(self) -> list[int]:
         """The prefix lengths for the next step (without the bias level)."""
+        if self.adaptive:
+            if self.steps and self.steps % self.cfg.adaptive_every == 0:
+                self.fixed_sizes = adaptive_sizes(self.mass.mass, self.shares, self.num_latents)
+                self.mass.reset()
+            self.steps += 1
         if not self.sampled:
             return list(self.fixed_sizes)
         cfg, width = self.cfg, self.num_latents
@@ -51,7 +90,19 @@ class PrefixSampler:
         return sorted(set(draws.tolist())) + [width]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.adaptive:
+            state["adaptive"] = {
+                "sizes": list(self.fixed_sizes), "steps": self.steps, **self.mass.state_dict()
+            }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if self.adaptive:
+            adaptive = state["adaptive"]
+            self.mass.load_state_dict(adaptive)
+            sizes = [int(s) for s in adaptive["sizes"]]
+            if len(sizes) != len(self.fixed_sizes) or sizes[-1] != self.num_latents:
+                raise ValueError(f"adaptive sizes {sizes} do not fit {self.fixed_sizes}")
+            self.fixed_sizes, self.steps = sizes, int(adaptive["steps"])

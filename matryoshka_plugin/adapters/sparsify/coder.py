@@ -28,6 +28,7 @@ from ...core import (
     prefix_decodes,
 )
 from ...core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
+from ...core.permutation import LatentMass, permute_latents
 from ...core.prefixes import level_weights, with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
@@ -69,6 +70,14 @@ def _group_size_check(cfg: SparseCoderConfig, sizes: list[int], width: int) -> N
     # would keep a different number of latents per token, so it is not a prefix model.
     if cfg.activation != "groupmax":
         return
+    # Both move latents (or level boundaries) one at a time, across groups.
+    for name, on in (("prefix_schedule='adaptive'", cfg.prefix_schedule == "adaptive"),
+                     (f"permute_every={cfg.permute_every}", cfg.permute_every > 0)):
+        if on and cfg.matryoshka:
+            raise MatryoshkaConfigError(
+                f"{name} needs activation='topk': groupmax ties latents to fixed groups "
+                "of the width, which moving latents or level boundaries would cut"
+            )
     group = width // cfg.k
     if any(s % group for s in sizes):
         raise MatryoshkaConfigError(
@@ -111,6 +120,8 @@ class MatryoshkaSparseCoder(SparseCoder):
             torch.tensor(-1.0, device=device, dtype=dtype),
             persistent=False,
         )
+        self.latent_mass = LatentMass(self.num_latents)
+        """Activation mass since the last reorder (``permute_every``)."""
         self._pending_sizes: list[int] | None = None
         self._level_recons: Tensor | None = None
         self._full_recon: Tensor | None = None
@@ -198,9 +209,12 @@ class MatryoshkaSparseCoder(SparseCoder):
     ):
         sizes = self.step_sizes() if self.training and self.cfg.matryoshka else None
         if sizes is None or (sizes == [self.num_latents] and not self.cfg.bias_level):
-            return super().forward(
+            out = super().forward(
                 x, y, dead_mask=dead_mask, total_variance=total_variance
             )
+            if sizes is not None:
+                self._observe(out)
+            return out
         self._pending_sizes = sizes
         try:
             out = super().forward(
@@ -219,7 +233,33 @@ class MatryoshkaSparseCoder(SparseCoder):
         weights = level_weights(self.cfg, len(sizes))
         loss, level_fvu = nested_fvu(recons, target, total_variance, weights)
         self.last_level_fvu, self.last_sizes = level_fvu.detach(), sizes
+        self._observe(out)
         return out._replace(fvu=loss)
+
+    def _observe(self, out) -> None:
+        """Count a training forward's activations for the adaptive schedule and reorders."""
+        self.sampler.observe(out.latent_acts, out.latent_indices)
+        if self.cfg.permute_every:
+            self.latent_mass.observe(out.latent_acts, out.latent_indices)
+
+    # -- latent permutation (permute_every) -----------------------------------
+    @torch.no_grad()
+    def permute_by_mass(self, optimizers=(), counters: tuple[Tensor, ...] = ()) -> Tensor:
+        """Reorder latents by mass since the last reorder, largest first, and reset it.
+
+        Moves the encoder rows and bias, the decoder rows, their optimizer state and
+        ``counters`` (per-latent tensors such as sparsify's dead-latent counts); the
+        adaptive schedule's mass follows. The coder's output is unchanged. Returns the
+        permutation (new latent ``i`` is old latent ``perm[i]``).
+        """
+        perm = self.latent_mass.order()
+        tensors = [(self.encoder.weight, 0), (self.encoder.bias, 0)]
+        if self.W_dec is not None:
+            tensors.append((self.W_dec, 0))
+        permute_latents(tensors + [(c, 0) for c in counters], perm, optimizers)
+        self.sampler.mass.permute(perm)
+        self.latent_mass.reset()
+        return perm
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
@@ -251,14 +291,19 @@ class MatryoshkaSparseCoder(SparseCoder):
 
     # -- state beyond the weights ------------------------------------------------
     def matryoshka_state(self) -> dict:
-        return {
+        state = {
             "sampler": self.sampler.state_dict(),
             THRESHOLD_KEY: self.batch_topk_threshold.detach().cpu(),
         }
+        if self.cfg.permute_every:
+            state["latent_mass"] = self.latent_mass.state_dict()
+        return state
 
     def load_matryoshka_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.batch_topk_threshold.copy_(state[THRESHOLD_KEY])
+        if self.cfg.permute_every:
+            self.latent_mass.load_state_dict(state["latent_mass"])
 
     def save_to_disk(self, path: Path | str):
         # Written whole into a temporary sibling, then swapped in: a crash leaves the

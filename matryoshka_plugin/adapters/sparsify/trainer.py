@@ -21,7 +21,7 @@ from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, TrainConfig, Trainer
 
 from ...atomic import atomic_dir, commit_dir, link_missing, recover_dir, remove_stale, staging_dir
-from ...core.errors import CheckpointError, MatryoshkaError
+from ...core.errors import CheckpointError, MatryoshkaConfigError, MatryoshkaError
 from ...core.plain_state import load_plain_state
 from .coder import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig, coder_class
 from .run_config import (
@@ -79,10 +79,25 @@ class MatryoshkaTrainer(Trainer):
         for opt in self.optimizers:
             base = getattr(opt, "base", opt)  # ScheduleFreeWrapper is not an Optimizer
             base.register_step_post_hook(self._note_optimizer_step)
+        if getattr(cfg.sae, "permute_every", 0):
+            if dist.is_initialized():
+                raise MatryoshkaConfigError(
+                    f"permute_every={cfg.sae.permute_every} runs in a single process only: "
+                    "each rank would reorder its latents by its own batches"
+                )
 
     def fit(self):
-        with self._forward_up_to_last_hookpoint():
-            super().fit()
+        # Reorders run before the model's forward, not in the optimizer-step hook: after
+        # that hook sparsify still zeroes the dead-latent counters of the latents that
+        # fired in the step, indexed in the order before any reorder.
+        permuting = bool(getattr(self.cfg.sae, "permute_every", 0))
+        handle = self.model.register_forward_pre_hook(self._permute_if_due) if permuting else None
+        try:
+            with self._forward_up_to_last_hookpoint():
+                super().fit()
+        finally:
+            if handle is not None:
+                handle.remove()
 
     @contextmanager
     def _forward_up_to_last_hookpoint(self):
@@ -131,6 +146,17 @@ class MatryoshkaTrainer(Trainer):
 
     def _note_optimizer_step(self, *_):
         self._stepped_at = self.global_step
+
+    def _permute_if_due(self, *_):
+        """Reorder every coder's latents once each ``permute_every`` optimizer steps,
+        before the next batch; counted from ``global_step`` so a resumed run reorders
+        at the same batches."""
+        acc, every = self.cfg.grad_acc_steps, self.cfg.sae.permute_every
+        done, partial = divmod(self.global_step, acc)
+        if partial or not done or done % every:
+            return
+        for name, coder in self._matryoshka_coders().items():
+            coder.permute_by_mass(self.optimizers, (self.num_tokens_since_fired[name],))
 
     def _matryoshka_coders(self, saes=None) -> dict[str, MatryoshkaSparseCoder]:
         saes = self.saes if saes is None else saes
