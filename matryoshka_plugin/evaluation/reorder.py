@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import UsageError
+from ..core.permutation import permute_latents as reorder_in_place
 from .latent_stats import latent_activation_sums
 from .prefix_metrics import DEFAULT_CHUNK
 
@@ -31,11 +32,10 @@ def permute_latents(coder, perm: Tensor):
             "are tied to the latent order it was trained with"
         )
     new = copy.deepcopy(coder)
-    p = perm.to(coder.encoder.weight.device)
-    new.encoder.weight.copy_(coder.encoder.weight[p])
-    new.encoder.bias.copy_(coder.encoder.bias[p])
-    if coder.W_dec is not None:
-        new.W_dec.copy_(coder.W_dec[p])
+    rows = [(new.encoder.weight, 0), (new.encoder.bias, 0)]
+    if new.W_dec is not None:
+        rows.append((new.W_dec, 0))
+    reorder_in_place(rows, perm)
     return new
 
 
