@@ -21,7 +21,12 @@ from matryoshka_plugin.clt import CLTConfig, MatryoshkaCLT
 from matryoshka_plugin.core.level_decoders import decoder_level
 
 from cli_errors import fails_in_one_line
-from tiny import D_MODEL, K, N_LAYERS, NESTED, PROMPT, WIDTH, build_tiny_llama, check_edges_by_intervention, mlp_io
+from tiny import D_MODEL, K, N_LAYERS, NESTED, PROMPT, WIDTH, build_tiny_llama
+
+try:
+    from .test_level_decoders import checked_graph_reconstruction
+except ImportError:
+    from test_level_decoders import checked_graph_reconstruction
 
 D = 12
 
@@ -139,25 +144,17 @@ def clt_run(tmp_path_factory):
 
 @pytest.mark.parametrize("prefix_len", [NESTED[0], NESTED[0] + 3, NESTED[1], WIDTH])
 def test_graph_at_p_is_exact_and_uses_the_decoder_evaluation_uses(clt_run, prefix_len):
-    from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute
-    from matryoshka_plugin.adapters.circuit_tracer.prefix_transcoders import prefix_truncation
-
     _, clt, _, model = clt_run
-    tokens = model.ensure_tokenized(PROMPT)
-    mlp_in, mlp_out = mlp_io(model, tokens)
-    graph = attribute(tokens, model, prefix_len=prefix_len)
-    with prefix_truncation(model, prefix_len):
-        ctx = model.setup_attribution(tokens)
-        # Every edge (through the level decoder) is what an intervention on the model gives.
-        assert check_edges_by_intervention(model, graph) > 0
-    # circuit-tracer's reconstruction (MLP out less the error nodes) is the CLT's own at P,
-    # decoded by the level's own decoder (the next level's between sizes).
+    # Every edge (through the level decoder) is what an intervention on the model gives.
+    mlp_in, recon = checked_graph_reconstruction(model, prefix_len)
+    # circuit-tracer's reconstruction is the CLT's own at P, decoded by the level's own
+    # decoder (the next level's between sizes).
     level = decoder_level(prefix_len, NESTED, WIDTH)
     W, b = clt.level_decoder(level) if level < WIDTH else (list(clt.W_dec), clt.b_dec)
     x = mlp_in.transpose(0, 1)
     want = by_hand(clt, x, prefix_len, W, b).transpose(0, 1)
     torch.testing.assert_close(clt.reconstruct(x, prefix_len).transpose(0, 1), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close((mlp_out - ctx.error_vectors)[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
     assert model.transcoders.prefix_len is None and model.transcoders.lazy_decoder
 
 
