@@ -75,14 +75,17 @@ def run_seed(seed: int, steps: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="Adam steps per seed.")
+    parser.add_argument("--steps", type=int, default=300, help="Adam steps per seed.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds to train.")
     args = parser.parse_args(argv)
     runs = [run_seed(s, args.steps) for s in args.seeds]
-    write_json({**provenance("benchmarks.clt_level_decoders.run", argv), "width": WIDTH, "k": K,
-                "nested_sizes": NESTED, "steps": args.steps, "runs": runs}, HERE / "results.json")
+    prov = provenance("benchmarks.clt_level_decoders.run", argv)
+    write_json({**prov, "width": WIDTH, "k": K, "nested_sizes": NESTED, "steps": args.steps, "runs": runs},
+               HERE / "results.json")
     lines = [
         "# CLT level decoders: held-out FVU at the nested sizes",
+        "",
+        f"`{prov['command']}`, {prov['date']}, {prov['machine']}.",
         "",
         f"2-layer CLT, width {WIDTH}, k={K}, nested sizes {NESTED}, `nested_decoders: true`, "
         f"{args.steps} Adam steps on the planted-hierarchy toy; FVU per target layer (0 / 1) "
