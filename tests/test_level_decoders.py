@@ -104,22 +104,30 @@ def nested_run(tmp_path_factory):
     return root / "tc", coders, model
 
 
-@pytest.mark.parametrize("prefix_len", [NESTED[0], NESTED[0] + 3, NESTED[1], WIDTH])
-def test_graph_at_p_uses_the_decoder_evaluation_uses(nested_run, prefix_len):
+def checked_graph_reconstruction(model, prefix_len):
+    """``(MLP inputs, circuit-tracer's reconstruction)``, each ``[n_layers, n_pos, d]``, of
+    PROMPT's graph at ``prefix_len``, once every edge of the graph has been checked by
+    intervention. The reconstruction is the MLP output less the error nodes."""
     from matryoshka_plugin.adapters.circuit_tracer.attribution import attribute
     from matryoshka_plugin.adapters.circuit_tracer.prefix_transcoders import prefix_truncation
 
-    _, coders, model = nested_run
     tokens = model.ensure_tokenized(PROMPT)
     mlp_in, mlp_out = mlp_io(model, tokens)
     graph = attribute(tokens, model, prefix_len=prefix_len)
     with prefix_truncation(model, prefix_len):
         ctx = model.setup_attribution(tokens)
         assert check_edges_by_intervention(model, graph) > 0
-    # circuit-tracer's reconstruction (MLP out less the error nodes) is the evaluation's
-    # reconstruction at P, decoded by the level's own decoder.
+    return mlp_in, mlp_out - ctx.error_vectors
+
+
+@pytest.mark.parametrize("prefix_len", [NESTED[0], NESTED[0] + 3, NESTED[1], WIDTH])
+def test_graph_at_p_uses_the_decoder_evaluation_uses(nested_run, prefix_len):
+    _, coders, model = nested_run
+    mlp_in, recon = checked_graph_reconstruction(model, prefix_len)
+    # circuit-tracer's reconstruction is the evaluation's reconstruction at P, decoded by
+    # the level's own decoder.
     expected = torch.stack([reconstruct(c, mlp_in[l], prefix_len) for l, c in enumerate(coders)])
-    torch.testing.assert_close((mlp_out - ctx.error_vectors)[:, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon[:, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
     # Afterwards the lazy full decoder is back.
     tc = model.transcoders[0]
     assert tc.lazy_decoder and "W_dec" not in tc._parameters

@@ -39,6 +39,7 @@ from ..core.cross_layer import (
     target_variance,
 )
 from ..core.errors import CLTError
+from ..core.level_decoders import decoder_level
 from ..core.permutation import LatentMass, permute_latents
 from ..core.prefixes import level_weights, with_bias_level
 
@@ -271,10 +272,35 @@ class MatryoshkaCLT(nn.Module):
         summed = gather_targets(per_source, self.n_layers)
         return cross_layer_recons(summed, b_dec, stop_gradient=False, cumulative=False)
 
+    def level_decoder(self, size: int) -> tuple[list[Tensor], Tensor]:
+        """Nested size ``size``'s own decoder, per source ``[size, L - s, d]``, and its full
+        bias ``[L, d]`` (the shared ``b_dec`` plus the level's offset, as training adds them)."""
+        if size not in self.inner_sizes:
+            raise CLTError(f"size {size} has no decoder of its own; allowed: {self.inner_sizes}")
+        i, n = self.inner_sizes.index(size), len(self.inner_sizes)
+        W = [self.W_dec_levels[s * n + i] for s in range(self.n_layers)]
+        return W, self.b_dec + self.b_dec_levels[i]
+
     def decode(self, codes: list[EncoderOutput], prefix_len: int | None = None) -> Tensor:
-        """Full-decoder reconstruction ``[N, L, d]``, optionally keeping only latents < prefix_len."""
-        if prefix_len is not None:
-            check_prefix_len(prefix_len, self.num_latents)
+        """Reconstruction ``[N, L, d]``, optionally keeping only latents < prefix_len.
+
+        Under ``nested_decoders`` a prefix is decoded by the decoder that serves it
+        (``core.level_decoders.decoder_level``: a nested size's own, between sizes the
+        next size's first rows), else by the full decoder.
+        """
+        if prefix_len is None:
+            prefix_len = self.num_latents
+        check_prefix_len(prefix_len, self.num_latents)
+        level = decoder_level(prefix_len, self.inner_sizes, self.num_latents)
+        if level < self.num_latents:
+            W_decs, b_dec = self.level_decoder(level)
+            per_source = [
+                source_prefix_decodes(c.top_acts, c.top_indices, [W], [prefix_len])
+                for c, W in zip(codes, W_decs)
+            ]
+            summed = gather_targets(per_source, self.n_layers)
+            return cross_layer_recons(summed, b_dec, stop_gradient=False, cumulative=False)[:, 0]
+        if prefix_len < self.num_latents:
             codes = [
                 EncoderOutput(*truncate_sparse(c.top_acts, c.top_indices, prefix_len), c.pre_acts)
                 for c in codes
@@ -394,13 +420,17 @@ class MatryoshkaCLT(nn.Module):
     def prefix_fvu(
         self, x: Tensor, y: Tensor, prefix_lens: list[int] | None = None
     ) -> dict[int, list[float]]:
-        """FVU per target layer at each prefix length: TopK over the full width, then latents >= P zeroed."""
+        """FVU per target layer at each prefix length: TopK over the full width, then latents
+        >= P zeroed, decoded as ``decode`` does (a nested size's own decoder, if it has one)."""
         self._check_input(y, "targets")
         lens = sorted(set(prefix_lens or self.nested_sizes))
         for p in lens:
             check_prefix_len(p, self.num_latents)
         codes = self.encode(x)
-        recons = cross_layer_recons(self._target_decodes(codes, lens), self.b_dec, stop_gradient=False)
+        if self.inner_sizes:
+            recons = torch.stack([self.decode(codes, p) for p in lens], dim=1)
+        else:
+            recons = cross_layer_recons(self._target_decodes(codes, lens), self.b_dec, stop_gradient=False)
         _, level_fvu = cross_layer_nested_fvu(
             recons, y.to(recons.dtype), [1.0] * len(lens)
         )

@@ -6,7 +6,9 @@ supernode's name), the feature header (its ``vis_link`` inside an ``href="..."``
 and the "failed to load" line of the feature examples. A graph file holding
 ``<img src=x onerror=...>`` therefore runs script in the viewer. Each fix below replaces
 one such call with ``.text(...)`` or with elements built by d3, and drops ``vis_link``s
-that are not http(s) (``javascript:``). ``patches/circuit-tracer/`` offers the same change
+that are not http(s) (``javascript:``). One more fix makes the page show the supernodes a
+graph file holds in ``qParams.supernodes`` (upstream always replaced them with the URL's,
+an empty list when the URL has none). ``patches/circuit-tracer/`` offers the same changes
 upstream.
 
 ``apply_fixes`` edits a copy of the frontend (``assets.build_frontend``). It refuses to
@@ -120,6 +122,16 @@ FIXES = (
         "feature_examples/init-feature-examples-list.js",
         r"""return sel.html(`Feature ${visState.feature.featureIndex} failed to load`)""",
         r"""return sel.text(`Feature ${visState.feature.featureIndex} failed to load`)""",
+    ),
+    # Not a text fix: the graph file's own supernodes. ``[]`` is truthy, so upstream
+    # replaced qParams.supernodes with an empty list whenever the URL had none.
+    SourceFix(
+        "attribution_graph/init-cg.js",
+        r"""  let urlSupernodes = [];
+""",
+        r"""  // null when the URL has none: [] is truthy and would hide the graph file's qParams.supernodes.
+  let urlSupernodes = null;
+""",
     ),
 )
 

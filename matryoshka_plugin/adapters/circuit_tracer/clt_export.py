@@ -6,6 +6,12 @@
   (``layer_{i}.safetensors``), for comparing CLTs with per-layer transcoders trained by
   the same trainer.
 
+A CLT trained with ``nested_decoders`` also gets each level's decoder in
+``level_decoders/layer_{i}.safetensors`` (``transcoder_dir``): a CLT's ``W_dec_{P}
+[P, n_layers - i, d]`` in the layout of ``W_dec_{i}``, a per-layer export's ``[P, d]``,
+and the level's full bias at layer ``i``. The stock files keep the full decoder, so
+stock circuit-tracer loads the export as before.
+
 ``config.yaml`` and the nested-size record are written by the shared helpers of
 ``export`` (the sparsify transcoder export).
 """
@@ -22,7 +28,13 @@ from torch import Tensor
 from ...atomic import atomic_dir
 from ...clt.model import MatryoshkaCLT, load_clt
 from ...core.errors import ExportError
-from .transcoder_dir import ACTIVATIONS, write_config_yaml, write_nested_sizes
+from .transcoder_dir import (
+    ACTIVATIONS,
+    level_decoder_keys,
+    level_decoder_path,
+    write_config_yaml,
+    write_nested_sizes,
+)
 
 
 def clt_tensors(clt: MatryoshkaCLT, n_model_layers: int) -> dict[int, tuple[dict, dict]]:
@@ -44,18 +56,58 @@ def clt_tensors(clt: MatryoshkaCLT, n_model_layers: int) -> dict[int, tuple[dict
         W_enc = torch.zeros(M, d)
         b_enc = torch.zeros(M)
         b_dec = torch.zeros(d)
-        W_dec = torch.zeros(M, n_model_layers - i, d)
         if i in slot:
             s = slot[i]
             W_enc, b_enc, b_dec = clt.W_enc[s], clt.b_enc[s], clt.b_dec[s]
-            for t in range(clt.n_layers - s):
-                W_dec[:, clt.layers[s + t] - i] = clt.W_dec[s][:, t].detach().float().cpu()
         enc = {f"W_enc_{i}": W_enc, f"b_enc_{i}": b_enc, f"b_dec_{i}": b_dec}
         out[i] = (
             {k: v.detach().float().cpu().contiguous() for k, v in enc.items()},
-            {f"W_dec_{i}": W_dec.contiguous()},
+            {f"W_dec_{i}": _model_layer_decoder(clt, list(clt.W_dec), i, n_model_layers)},
         )
     return out
+
+
+def _model_layer_decoder(clt: MatryoshkaCLT, W_by_source: list[Tensor], i: int, n_model_layers: int) -> Tensor:
+    """Model layer ``i``'s decoder ``[rows, n_model_layers - i, d]`` from the CLT's per-source
+    decoders ``[rows, L - s, d]``: zero for an untrained layer and for untrained targets."""
+    rows = W_by_source[0].shape[0]
+    W_dec = torch.zeros(rows, n_model_layers - i, clt.d_model)
+    if i in clt.layers:
+        s = clt.layers.index(i)
+        for t in range(clt.n_layers - s):
+            W_dec[:, clt.layers[s + t] - i] = W_by_source[s][:, t].detach().float().cpu()
+    return W_dec.contiguous()
+
+
+def clt_level_decoders(clt: MatryoshkaCLT, n_model_layers: int) -> dict[int, dict[str, Tensor]]:
+    """``{model layer i: level_decoders/layer_{i} tensors}`` of a ``nested_decoders`` CLT
+    (``{}`` without): per nested size P, ``W_dec_{P}`` in ``W_dec_{i}``'s layout and the
+    level's full bias at target layer ``i`` (zero at an untrained layer)."""
+    out: dict[int, dict[str, Tensor]] = {i: {} for i in range(n_model_layers)} if clt.inner_sizes else {}
+    for size in clt.inner_sizes:
+        W_by_source, b_dec = clt.level_decoder(size)
+        w_key, b_key = level_decoder_keys(size)
+        for i, tensors in out.items():
+            tensors[w_key] = _model_layer_decoder(clt, W_by_source, i, n_model_layers)
+            b = b_dec[clt.layers.index(i)] if i in clt.layers else torch.zeros(clt.d_model)
+            tensors[b_key] = b.detach().float().cpu().contiguous()
+    return out
+
+
+def _one_layer_level_decoders(clt: MatryoshkaCLT) -> dict[str, Tensor]:
+    """A one-layer CLT's level decoders in the per-layer layout (``[P, d]``: its one target)."""
+    out = {}
+    for size in clt.inner_sizes:
+        (W,), b_dec = clt.level_decoder(size)
+        w_key, b_key = level_decoder_keys(size)
+        out[w_key], out[b_key] = W[:, 0].detach().float().contiguous(), b_dec[0].detach().float().contiguous()
+    return out
+
+
+def _save_level_decoders(tmp: Path, levels: dict[int, dict[str, Tensor]]) -> None:
+    for i, tensors in levels.items():
+        level_decoder_path(tmp, i).parent.mkdir(exist_ok=True)
+        save_file(tensors, str(level_decoder_path(tmp, i)))
 
 
 @torch.no_grad()
@@ -79,6 +131,7 @@ def export_clt(
       circuit-tracer loads (an approximation of TopK).
     - BatchTopK CLTs are thresholded at inference: written as JumpReLU with their exact
       per-layer threshold, ``model_kind: cross_layer_transcoder`` either way.
+    - ``nested_decoders`` CLTs also write every level's decoder (``clt_level_decoders``).
     """
     if not isinstance(clt, MatryoshkaCLT):
         clt = load_clt(clt)
@@ -110,12 +163,14 @@ def export_clt(
         for i, (enc, dec) in tensors.items():
             save_file(enc, str(tmp / f"W_enc_{i}.safetensors"))
             save_file(dec, str(tmp / f"W_dec_{i}.safetensors"))
+        _save_level_decoders(tmp, clt_level_decoders(clt, int(n_model_layers)))
         _write_metadata(
             tmp, clt, "cross_layer_transcoder", written, model_name, f"matryoshka-clt-{Path(out_dir).name}",
             sizes, M,
             trained_layers=clt.layers,
             n_layers=int(n_model_layers),
             prefix_schedule=clt.cfg.prefix_schedule if clt.cfg.matryoshka else None,
+            level_decoders=clt.inner_sizes,
         )
     return Path(out_dir)
 
@@ -147,13 +202,17 @@ def export_per_layer(
             raise ExportError(f"two CLTs for layer {c.layers[0]}; allowed: one per layer")
         by_layer[c.layers[0]] = c.cpu().float().eval()
     first = clts[0]
-    shape = (first.num_latents, first.cfg.k, first.cfg.batch_topk, first.nested_sizes if first.cfg.matryoshka else None)
+
+    def shape_of(c):
+        return c.num_latents, c.cfg.k, c.cfg.batch_topk, c.nested_sizes if c.cfg.matryoshka else None, c.inner_sizes
+
+    shape = shape_of(first)
     for layer, c in by_layer.items():
-        got = (c.num_latents, c.cfg.k, c.cfg.batch_topk, c.nested_sizes if c.cfg.matryoshka else None)
+        got = shape_of(c)
         if got != shape:
             raise ExportError(
-                f"layer {layer}: (width, k, batch_topk, nested sizes) {got} differ from {shape}; "
-                "circuit-tracer needs one shape for all layers"
+                f"layer {layer}: (width, k, batch_topk, nested sizes, level decoders) {got} differ "
+                f"from {shape}; circuit-tracer needs one shape for all layers"
             )
     written = "jumprelu" if first.cfg.batch_topk else "topk"
     with atomic_dir(out_dir, overwrite=overwrite, error=ExportError) as tmp:
@@ -162,10 +221,12 @@ def export_per_layer(
             if c.cfg.batch_topk:
                 tensors["activation_function.threshold"] = c.batch_topk_threshold[0].clamp_min(0).expand(c.num_latents)
             save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(tmp / f"layer_{layer}.safetensors"))
+        _save_level_decoders(tmp, {layer: _one_layer_level_decoders(c) for layer, c in by_layer.items() if c.inner_sizes})
         _write_metadata(
             tmp, first, "transcoder_set", written, model_name, f"matryoshka-clt-per-layer-{Path(out_dir).name}",
             shape[3], first.num_latents,
             hookpoints={str(layer): c.source.get("hookpoints", {}).get(str(layer), "") for layer, c in by_layer.items()},
+            level_decoders=first.inner_sizes,
         )
     return Path(out_dir)
 

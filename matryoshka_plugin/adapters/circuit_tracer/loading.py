@@ -6,7 +6,8 @@ circuit-tracer's own ``load_transcoder_set`` / ``load_clt``; the plugin's TopK k
 its ``TopKReLU``. Anything else is a hub name for circuit-tracer's
 ``load_transcoder_from_hub``. Cross-layer transcoders always come back as
 ``PrefixCrossLayerTranscoder``. Level decoders (``nested_decoders`` exports) are attached
-to each per-layer transcoder for ``prefix_transcoders`` to swap in at their prefix.
+to each per-layer transcoder, or to the CLT, for ``prefix_transcoders`` to use at their
+prefix.
 """
 
 from __future__ import annotations
@@ -128,30 +129,43 @@ def load_transcoders_dir(
         raise CheckpointError(f"{root / 'matryoshka.json'} says width {record.get('width')}, the tensors have {sorted(widths)}")
     sizes = (record or {}).get("level_decoders") or []
     if sizes:
-        if kind != "transcoder_set":
-            raise CheckpointError(f"{root / 'matryoshka.json'} lists level decoders; only per-layer transcoders have them")
-        for layer, transcoder in enumerate(transcoders):
-            attach_level_decoders(transcoder, _read_level_decoders(root, layer, sizes, transcoder.d_model))
+        width = min(widths)
+        bad = [s for s in sizes if not isinstance(s, int) or not 0 < s < width]
+        if bad:
+            raise CheckpointError(f"{root / 'matryoshka.json'} lists level decoders {bad}; allowed: sizes in 1..{width - 1}")
+        if kind == "transcoder_set":
+            for layer, transcoder in enumerate(transcoders):
+                levels = _read_level_decoders(root, layer, sizes, (transcoder.d_model,), device, dtype)
+                attach_level_decoders(transcoder, levels)
+        else:
+            n, d = transcoders.n_layers, transcoders.d_model
+            per_layer = [_read_level_decoders(root, i, sizes, (n - i, d), device, dtype) for i in range(n)]
+            attach_level_decoders(transcoders, {
+                s: ([layer[s][0] for layer in per_layer], torch.stack([layer[s][1] for layer in per_layer]))
+                for s in sizes
+            })
     return transcoders, config
 
 
-def _read_level_decoders(root: Path, layer: int, sizes: Sequence[int], d_model: int) -> dict[int, tuple]:
-    """``{P: (W_dec [P, d], b_dec [d])}`` of one layer, each checked against its shape."""
+def _read_level_decoders(root: Path, layer: int, sizes: Sequence[int], row_shape: tuple, device, dtype) -> dict[int, tuple]:
+    """``{P: (W_dec [P, *row_shape], b_dec [d])}`` of one layer, each checked against its
+    shape (``row_shape``: ``(d,)`` per layer, ``(n_layers - layer, d)`` for a CLT)."""
     from safetensors.torch import load_file
 
     path = level_decoder_path(root, layer)
     keys = [k for s in sizes for k in level_decoder_keys(s)]
     _check_safetensors(path, keys)
-    tensors = load_file(str(path))
+    tensors = load_file(str(path), device=str(device or "cpu"))
     out = {}
     for s in sizes:
         w_key, b_key = level_decoder_keys(s)
         W, b = tensors[w_key], tensors[b_key]
-        if tuple(W.shape) != (s, d_model) or tuple(b.shape) != (d_model,):
+        want_W, want_b = (s, *row_shape), row_shape[-1:]
+        if tuple(W.shape) != want_W or tuple(b.shape) != want_b:
             raise CheckpointError(
-                f"{path}: {w_key} {tuple(W.shape)} / {b_key} {tuple(b.shape)}; expected ({s}, {d_model}) / ({d_model},)"
+                f"{path}: {w_key} {tuple(W.shape)} / {b_key} {tuple(b.shape)}; expected {want_W} / {want_b}"
             )
-        out[int(s)] = (W, b)
+        out[int(s)] = (W.to(dtype), b.to(dtype))
     return out
 
 

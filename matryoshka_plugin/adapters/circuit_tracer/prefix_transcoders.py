@@ -9,10 +9,12 @@ nodes and the graph stays a faithful replacement model.
   in ``core.truncation.PrefixActivation``; every path (``encode_sparse``,
   ``encode_layer``, ``apply_activation_function``) goes through it.
 - Level decoders (``nested_decoders`` exports, attached by ``attach_level_decoders``): at
-  prefix P each per-layer transcoder decodes with the decoder that serves P
+  prefix P the transcoders decode with the decoder that serves P
   (``core.level_decoders.decoder_level``: the level's own at a nested size, the next
-  level's between sizes), swapped in for ``W_dec`` / ``b_dec``; the error nodes absorb
-  whatever it misses, so the graph stays exact.
+  level's between sizes): swapped in for each per-layer transcoder's ``W_dec`` /
+  ``b_dec``, and for a CLT read by ``PrefixCrossLayerTranscoder._get_decoder_vectors``
+  with its ``b_dec`` swapped; the error nodes absorb whatever it misses, so the graph
+  stays exact.
 - Cross-layer transcoders: ``PrefixCrossLayerTranscoder`` (a subclass swapped in by
   ``as_prefix_clt``; no new parameters) truncates in ``encode`` and
   ``apply_activation_function`` and fixes two upstream bugs that small prefixes expose
@@ -35,11 +37,55 @@ from ...core.prefixes import check_prefix_len
 from ...core.truncation import PrefixActivation, truncate_dense
 
 
+LEVELS_ATTR = "matryoshka_level_decoders"
+"""The transcoders' level decoders as a plain attribute (not in the state dict, so
+circuit-tracer's own saving and loading never see it): a per-layer transcoder's
+``{P: (W_dec [P, d], b_dec [d])}``, a CLT's ``{P: ([W_dec_i [P, L - i, d] per layer], b_dec [L, d])}``."""
+_FULL_ATTR = "_matryoshka_full_decoder"
+
+
 class PrefixCrossLayerTranscoder(CrossLayerTranscoder):
-    """circuit-tracer's ``CrossLayerTranscoder`` with prefix truncation and two fixes."""
+    """circuit-tracer's ``CrossLayerTranscoder`` with prefix truncation, level decoders
+    and two fixes."""
 
     prefix_len: int | None = None
     _n_pos: int | None = None
+
+    def set_prefix(self, prefix_len: int | None) -> None:
+        """Keep latents < ``prefix_len`` (None: all) and decode with the decoder that serves it."""
+        self.prefix_len = prefix_len
+        full = self.__dict__.pop(_FULL_ATTR, None)
+        if full is not None:
+            self._parameters["b_dec"] = full
+        level = self._level()
+        if level is not None:
+            # compute_reconstruction adds self.b_dec: the level's own bias while its decoder is in.
+            b = getattr(self, LEVELS_ATTR)[level][1]
+            self.__dict__[_FULL_ATTR] = self._parameters["b_dec"]
+            self._parameters["b_dec"] = nn.Parameter(b.to(self.device, self.dtype), requires_grad=False)
+
+    def _level(self) -> int | None:
+        """The nested size whose own decoder serves the prefix (None: the full decoder)."""
+        levels = getattr(self, LEVELS_ATTR, None)
+        if not levels or self.prefix_len is None:
+            return None
+        level = decoder_level(self.prefix_len, list(levels), self.d_transcoder)
+        return None if level == self.d_transcoder else level
+
+    def _get_decoder_vectors(self, layer_id, feat_ids=None):
+        level = self._level()
+        if level is None:
+            return super()._get_decoder_vectors(layer_id, feat_ids)
+        W = getattr(self, LEVELS_ATTR)[level][0][layer_id].to(self.device, self.dtype)
+        # Latents >= level have no row: they are truncated away whenever this decoder is
+        # in, so they decode to zero (an intervention may still name one).
+        if feat_ids is None:
+            return torch.cat([W, W.new_zeros(self.d_transcoder - level, *W.shape[1:])])
+        ids = torch.as_tensor(feat_ids, device=W.device)
+        out = W.new_zeros(len(ids), *W.shape[1:])
+        inside = ids < level
+        out[inside] = W[ids[inside]]
+        return out
 
     def _truncate(self, acts: Tensor) -> Tensor:
         if self.prefix_len is None or self.prefix_len >= acts.shape[-1]:
@@ -111,23 +157,16 @@ def get_prefix_len(obj) -> int | None:
     return act.prefix_len if isinstance(act, PrefixActivation) else None
 
 
-LEVELS_ATTR = "matryoshka_level_decoders"
-"""A per-layer transcoder's ``{P: (W_dec [P, d], b_dec [d])}`` (a plain attribute: not in
-its state dict, so circuit-tracer's own saving and loading never see it)."""
-_FULL_ATTR = "_matryoshka_full_decoder"
-
-
-def attach_level_decoders(transcoder, levels: dict[int, tuple[Tensor, Tensor]]) -> None:
-    """Give a ``SingleLayerTranscoder`` its level decoders, swapped in by ``set_prefix_len``."""
+def attach_level_decoders(transcoder, levels: dict[int, tuple]) -> None:
+    """Give a ``SingleLayerTranscoder`` or a ``PrefixCrossLayerTranscoder`` its level
+    decoders (``LEVELS_ATTR``), used by ``set_prefix_len``."""
     object.__setattr__(transcoder, LEVELS_ATTR, dict(levels))
 
 
 def level_decoder_sizes(obj) -> list[int]:
     """The prefix lengths with their own decoder in a model or transcoders ([] if none)."""
     tc = _transcoders_of(obj)
-    if isinstance(tc, CrossLayerTranscoder):
-        return []
-    return sorted(getattr(tc[0], LEVELS_ATTR, {}))
+    return sorted(getattr(tc if isinstance(tc, CrossLayerTranscoder) else tc[0], LEVELS_ATTR, {}))
 
 
 def _use_decoder(transcoder, prefix_len: int | None) -> None:
@@ -169,7 +208,7 @@ def set_prefix_len(obj, prefix_len: int | None) -> None:
     if prefix_len is not None:
         check_prefix_len(prefix_len, transcoder_width(tc))
     if isinstance(tc, CrossLayerTranscoder):
-        as_prefix_clt(tc).prefix_len = prefix_len
+        as_prefix_clt(tc).set_prefix(prefix_len)
         return
     if not isinstance(tc, TranscoderSet):
         raise TypeError(f"expected a TranscoderSet or CrossLayerTranscoder, got {type(tc).__name__}")

@@ -21,7 +21,9 @@ import yaml
 from ...core.errors import ExportError
 
 NESTED_SIZES_FILE = "matryoshka.json"
-#: Per-layer files of the level decoders: ``W_dec_{P} [P, d]`` and ``b_dec_{P} [d]`` per level P.
+#: Per-layer files of the level decoders, per level P: ``W_dec_{P}`` (per-layer transcoders
+#: ``[P, d]``; a CLT ``[P, n_layers - i, d]``, the layout of its ``W_dec_{i}``) and the level's
+#: full bias ``b_dec_{P} [d]`` at layer ``i``.
 LEVEL_DECODER_DIR = "level_decoders"
 CONFIG_FILE = "config.yaml"
 #: How far a calibrated JumpReLU export is from the TopK code it replaces, per layer.
