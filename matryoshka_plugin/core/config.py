@@ -58,7 +58,7 @@ class MatryoshkaConfig:
     """Add a level with no latents that reconstructs from the decoder bias alone, as Bussmann et al. count it."""
 
     nested_decoders: bool = False
-    """Give each prefix level its own decoder and bias (seed 000, section 4.3); inference uses only the full decoder."""
+    """Give each prefix level its own decoder and bias (seed 000, section 4.3); the full-width model uses the full decoder, a prefix at a nested size its level's."""
 
     batch_topk: bool = False
     """Keep the k x batch largest activations over the whole batch (BatchTopK) instead of k per token."""
