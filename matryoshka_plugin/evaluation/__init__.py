@@ -17,9 +17,12 @@ activation, as in ``core.truncation.truncate_sparse``.
   its plot.
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
+- ``graph_paths``: path length of an attribution graph (influence-weighted steps from the
+  embeddings to the logit in the pruned graph, seed 001's graph-simplicity measure).
 """
 
 from .checkpoint import evaluate_checkpoint
+from .graph_paths import PathLength, path_length
 from .latent_stats import latent_activation_sums, latent_stats
 from .power_law import dictionary_power_law, power_law_fit
 from .prefix_metrics import default_prefix_lens, prefix_curve, reconstruct, rsa
@@ -28,6 +31,8 @@ from .report import coder_summary, evaluate, plot_report, save_report
 from .splice import spliced, spliced_lm_metrics
 
 __all__ = [
+    "PathLength",
+    "path_length",
     "coder_summary",
     "default_prefix_lens",
     "dictionary_power_law",
