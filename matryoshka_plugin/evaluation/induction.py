@@ -51,6 +51,9 @@ class AblationDrop(NamedTuple):
     # The target's logit minus the mean logit, without and with the ablation.
     clean: float
     ablated: float
+    # The target's probability without and with it (does the model copy at all?).
+    clean_prob: float
+    ablated_prob: float
 
     @property
     def relative(self) -> float:
@@ -104,9 +107,9 @@ def graph_share(graph: Graph, target: int, positions: Sequence[int]) -> GraphSha
     return GraphShare((influence[is_embedding & at].sum() / total).item(), (influence[is_source & at].sum() / total).item())
 
 
-def _demeaned(logits: torch.Tensor, target: int) -> float:
+def _demeaned_and_prob(logits: torch.Tensor, target: int) -> tuple[float, float]:
     last = logits.squeeze(0)[-1].double()
-    return (last[target] - last.mean()).item()
+    return (last[target] - last.mean()).item(), last.softmax(-1)[target].item()
 
 
 def ablation_drop(model, tokens: torch.Tensor, target: int, positions: Sequence[int]) -> AblationDrop:
@@ -125,4 +128,5 @@ def ablation_drop(model, tokens: torch.Tensor, target: int, positions: Sequence[
     with torch.no_grad():
         clean = model(tokens.unsqueeze(0).to(model.cfg.device))
         ablated = model.run_with_hooks(tokens.unsqueeze(0).to(model.cfg.device), fwd_hooks=hooks)
-    return AblationDrop(_demeaned(clean, target), _demeaned(ablated, target))
+    (clean_logit, clean_prob), (ablated_logit, ablated_prob) = (_demeaned_and_prob(x, target) for x in (clean, ablated))
+    return AblationDrop(clean_logit, ablated_logit, clean_prob, ablated_prob)
