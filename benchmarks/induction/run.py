@@ -7,7 +7,8 @@ exported Matryoshka transcoder set (``matryoshka_plugin.evaluation.induction``),
 - graph: the share of that logit's influence from the embeddings at the earlier
   occurrence (positions of r_m and r_{m+1}: ``tokens``) and with the error nodes there
   (``position``); the same embedding share per other prompt position, and their ratio
-  (``lift``: how much more a source position carries than an average other one);
+  (``lift``: how much more a source position carries than an average other one;
+  ``position_lift`` with the error nodes counted);
   replacement, completeness and path length of the graph;
 - model: the logit drop of r_{m+1} when the last position's attention to those two
   positions is switched off in every layer and head (SmolLM2 itself, no transcoders).
@@ -64,11 +65,13 @@ def measure(model, prompt, prefix_lens, batch_size) -> dict:
     rows = []
     for r in graphs:
         at = graph_share(r.graph, prompt.target, prompt.sources)
-        elsewhere = graph_share(r.graph, prompt.target, others).tokens / len(others)
+        other = graph_share(r.graph, prompt.target, others)
+        per_source, per_other = len(prompt.sources), len(others)
         rows.append({
             "prefix_len": r.prefix_len, "tokens_share": at.tokens, "position_share": at.position,
-            "other_position_tokens_share": elsewhere,
-            "lift": (at.tokens / len(prompt.sources)) / elsewhere if elsewhere > 0 else float("inf"),
+            "other_position_tokens_share": other.tokens / per_other,
+            "lift": (at.tokens / per_source) / (other.tokens / per_other),
+            "position_lift": (at.position / per_source) / (other.position / per_other),
             "replacement": r.replacement, "completeness": r.completeness, "path_length": r.path_length.mean,
             "unweighted_path_length": r.path_length.unweighted_mean, "seconds": r.seconds,
         })
@@ -84,7 +87,7 @@ def summarise(prompts: list[dict], prefix_lens: list[int]) -> list[dict]:
     for i, p in enumerate(prefix_lens):
         per = [q["graphs"][i] for q in prompts]
         mean = {k: statistics.fmean(g[k] for g in per) for k in (
-            "tokens_share", "position_share", "other_position_tokens_share", "lift", "replacement",
+            "tokens_share", "position_share", "other_position_tokens_share", "lift", "position_lift", "replacement",
             "completeness", "path_length", "unweighted_path_length")}
         rows.append({"prefix_len": p, **mean, "visible": all(g["lift"] > 1 for g in per)})
     return rows
@@ -107,13 +110,15 @@ def markdown(record: dict) -> list[str]:
         "", f"Mean logit drop / clean logit: {statistics.fmean(drops):.3f} (the same model at every P).", "",
         "Graph of the target logit per prefix length, means over prompts. tokens: share of its influence from the "
         "embeddings at the earlier occurrence; position: with the error nodes there; other: embedding share per "
-        "other prompt position; lift: tokens per source position / other; visible: lift > 1 in every prompt.", "",
-        "| P | tokens | position | other | lift | visible | replacement | completeness | path length | path length (unweighted) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "other prompt position; lift: tokens per source position / other; visible: lift > 1 in every prompt; "
+        "position lift: the same ratio with the error nodes counted.", "",
+        "| P | tokens | position | other | lift | visible | position lift | replacement | completeness | path length "
+        "| path length (unweighted) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['prefix_len']} | {r['tokens_share']:.4f} | {r['position_share']:.4f} | {r['other_position_tokens_share']:.4f} | "
-        f"{r['lift']:.2f} | {'yes' if r['visible'] else 'no'} | {r['replacement']:.4f} | {r['completeness']:.4f} | "
+        f"{r['lift']:.2f} | {'yes' if r['visible'] else 'no'} | {r['position_lift']:.2f} | {r['replacement']:.4f} | {r['completeness']:.4f} | "
         f"{r['path_length']:.2f} | {r['unweighted_path_length']:.2f} |"
         for r in record["per_prefix"]
     ]
