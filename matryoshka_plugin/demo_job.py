@@ -211,11 +211,12 @@ def format_summary(results: dict, graphs: dict, out: Path) -> str:
         )
         lines.append(f"  P={p:>6}: mean {sum(vals) / len(vals):.2f}x  ({detail})")
     lines.append(f"Attribution graphs of {graphs['prompt']!r}:")
-    lines.append(f"  {'P':>6} {'replacement':>12} {'completeness':>13} {'features':>9} {'seconds':>8}")
+    lines.append(f"  {'P':>6} {'replacement':>12} {'completeness':>13} {'path length':>12} {'features':>9} {'seconds':>8}")
     for row in graphs["scores"]:
         lines.append(
             f"  {row['prefix_len']:>6} {row['replacement_score']:12.4f} "
-            f"{row['completeness_score']:13.4f} {row['n_active_features']:>9} {row['attribution_seconds']:8.1f}"
+            f"{row['completeness_score']:13.4f} {row['path_length']:12.2f} {row['n_active_features']:>9} "
+            f"{row['attribution_seconds']:8.1f}"
         )
     if graphs["empty_layers"]:
         lines.append(f"  (no transcoder at layers {format_layers(graphs['empty_layers'])}: their MLP output is an error node)")

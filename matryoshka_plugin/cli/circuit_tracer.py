@@ -186,10 +186,10 @@ def run_attribution(args, parser) -> None:
         max_feature_nodes=args.max_feature_nodes,
     )
     rows = score_rows(results, width, nested_sizes_of(config), level_decoder_sizes(transcoders))
-    print(f"{'prefix_len':>10} {'replacement':>12} {'completeness':>13} {'seconds':>8}")
+    print(f"{'prefix_len':>10} {'replacement':>12} {'completeness':>13} {'path length':>12} {'seconds':>8}")
     for r in results:
         p = r.prefix_len
-        print(f"{'full' if p is None else p:>10} {r.replacement:12.4f} {r.completeness:13.4f} {r.seconds:8.2f}")
+        print(f"{'full' if p is None else p:>10} {r.replacement:12.4f} {r.completeness:13.4f} {r.path_length.mean:12.2f} {r.seconds:8.2f}")
 
     if args.graph_output_path:
         save_graphs(results, rows, args.graph_output_path)

@@ -24,12 +24,15 @@ activation, as in ``core.truncation.truncate_sparse``.
   (``LocalJudge``, SmolLM2 by default: a weak stand-in).
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
+- ``graph_paths``: path length of an attribution graph (influence-weighted steps from the
+  embeddings to the logit in the pruned graph, seed 001's graph-simplicity measure).
 """
 
 from .absorption import absorption_eval, probe_data, residual_reader
 from .autointerp import autointerp
 from .checkpoint import evaluate_checkpoint
 from .explainers import ChatJudge, LocalJudge
+from .graph_paths import PathLength, path_length
 from .latent_stats import latent_activation_sums, latent_stats
 from .meta_sae import coder_meta_sae, meta_sae_composition
 from .power_law import dictionary_power_law, power_law_fit
@@ -44,6 +47,8 @@ __all__ = [
     "LocalJudge",
     "autointerp",
     "coder_meta_sae",
+    "PathLength",
+    "path_length",
     "coder_summary",
     "default_prefix_lens",
     "dictionary_power_law",

@@ -2,7 +2,8 @@
 
 ``attribute`` is circuit-tracer's own ``attribute`` run inside ``prefix_truncation``.
 ``attribute_prefixes`` builds one graph per prefix length for the same prompt, with
-circuit-tracer's replacement and completeness scores: it attributes the largest prefix
+circuit-tracer's replacement and completeness scores and the pruned graph's path length
+(``evaluation.graph_paths``): it attributes the largest prefix
 length and derives the smaller ones from it (``derived_graphs``), or attributes each one
 directly where deriving would not be exact, running the model's setup forward once for
 all of them (``reusing_setup_forward``).
@@ -23,6 +24,7 @@ from circuit_tracer.graph import Graph, compute_graph_scores
 
 from ...core.errors import UsageError
 from ...core.prefixes import check_prefix_len
+from ...evaluation.graph_paths import PathLength, path_length
 from .derived_graphs import derive_prefix_graph, recording_error_deltas
 from .prefix_transcoders import prefix_truncation, transcoder_width
 
@@ -104,13 +106,16 @@ class PrefixGraph(NamedTuple):
     seconds: float
     replacement: float
     completeness: float
+    # Steps from the embeddings to the logit, in the graph pruned at circuit-tracer's
+    # default thresholds (``evaluation.graph_paths``).
+    path_length: PathLength
     # True: derived from the finest graph of the same call (seconds: the derivation).
     derived: bool = False
 
 
 def _scored(p: int | None, graph: Graph, start: float, derived: bool) -> PrefixGraph:
     seconds = time.perf_counter() - start
-    return PrefixGraph(p, graph, seconds, *compute_graph_scores(graph), derived=derived)
+    return PrefixGraph(p, graph, seconds, *compute_graph_scores(graph), path_length(graph), derived=derived)
 
 
 def attribute_prefixes(

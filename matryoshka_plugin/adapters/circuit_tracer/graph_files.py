@@ -39,6 +39,7 @@ def score_rows(
             "decoder_prefix_len": decoder_level(r.prefix_len or width, level_sizes, width),
             "replacement_score": r.replacement,
             "completeness_score": r.completeness,
+            "path_length": r.path_length.mean,
             "attribution_seconds": r.seconds,
             "n_active_features": int(r.graph.active_features.shape[0]),
         }
