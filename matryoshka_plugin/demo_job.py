@@ -66,13 +66,12 @@ PROMPT = (
 #: Each recipe's values for the options left unset (``layers=None``: every model layer).
 RECIPES = {
     "demo": dict(layers=[0, 1, 2], num_latents=2048, k=32, ctx_len=64, batch_size=16,
-                 steps=80, eval_tokens=8192, save_every=None, optimizer="signum"),
+                 steps=80, eval_tokens=8192, save_every=None),
     # About two hours of 2-core CPU for both dictionaries on all 30 SmolLM2 layers: a step
     # over all 30 layers took about 20 CPU-seconds (2026-12-01, shared 2-core machine);
-    # an estimate from that, not a run end to end. Adam, because signum's full-lr sign
-    # steps are mostly noise at these 1k-token batches (benchmarks/RESULTS.md, #20).
+    # an estimate from that, not a run end to end.
     "full": dict(layers=None, num_latents=2048, k=32, ctx_len=64, batch_size=16,
-                 steps=250, eval_tokens=8192, save_every=25, optimizer="adam"),
+                 steps=250, eval_tokens=8192, save_every=25),
 }
 
 

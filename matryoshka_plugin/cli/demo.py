@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training steps per dictionary ({_recipe_default('steps')})")
     p.add_argument("--save-every", type=int, default=None,
                    help=f"steps between training checkpoints ({_recipe_default('save_every', none='only at the end')})")
-    p.add_argument("--optimizer", default=None, choices=["adam", "signum", "muon"],
-                   help=f"sparsify optimizer ({_recipe_default('optimizer')})")
+    p.add_argument("--optimizer", default="signum", choices=["adam", "signum", "muon"],
+                   help="sparsify optimizer (default %(default)s, sparsify's own default)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: sparsify's width-scaled rule)")
     p.add_argument("--lr-warmup-steps", type=int, default=20, help="Adam warm-up steps")
