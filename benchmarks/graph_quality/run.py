@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a finished matryoshka-demo --out folder")
     p.add_argument("--prompts", type=int, default=10, help="held-out prompts")
+    p.add_argument("--prefix-lens", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                   help="comma-separated prefix lengths (default: the Matryoshka nested sizes)")
     p.add_argument("--min-tokens", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-feature-nodes", type=int, default=1024)
@@ -163,14 +165,14 @@ def main(argv=None) -> None:
     from matryoshka_plugin.offline import load_tokenizer
 
     model_spec = settings["model"]
-    prefix_lens = settings["nested_sizes"]
+    prefix_lens = a.prefix_lens or settings["nested_sizes"]
     dirs = {"matryoshka": Path(progress["done"]["export"]["transcoders"]), "topk": export_topk(a.run)}
     prompts = held_out_prompts(load_tokenizer(model_spec), a.prompts, a.min_tokens, a.max_tokens)
     result = {
         "settings": dict(run=str(a.run), recipe=settings["recipe"], layers=len(settings["hookpoints"]),
                          num_latents=settings["num_latents"], k=settings["k"], train_tokens=settings["train_tokens"],
                          optimizer=settings["optimizer"], prefix_lens=prefix_lens, **{k: v for k, v in vars(a).items()
-                                                                                     if k not in ("run", "out")}),
+                                                                                     if k not in ("run", "out", "prefix_lens")}),
         "prompts": prompts,
     }
     for coder, d in dirs.items():
