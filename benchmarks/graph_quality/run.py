@@ -5,7 +5,8 @@ for all 30 SmolLM2 MLPs, trained side by side with the same data, width, k, step
 seed), exports the TopK one too if the run has not, and builds attribution graphs of
 held-out Austen prompts (the last 10% of each novel, never trained on) at each nested
 size of the Matryoshka dictionary. Per prefix and coder it reports circuit-tracer's
-replacement and completeness scores and mechanistic fidelity (``causal``: the strongest
+replacement and completeness scores, path length (``evaluation.graph_paths``) and
+mechanistic fidelity (``causal``: the strongest
 features inside the prefix ablated in the original and in the local replacement model,
 cosine of the last layer's residual change).
 
@@ -59,15 +60,17 @@ def held_out_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int) -> lis
     return prompts
 
 
-def export_topk(run: Path) -> Path:
-    """The run's TopK baseline as a circuit-tracer set (written once, atomically)."""
+def export_topk(run: Path, n_layers: int) -> Path:
+    """The run's TopK baseline as a circuit-tracer set of ``n_layers`` layers (untrained
+    ones as zero transcoders, as the demo exports the Matryoshka set); written once."""
     from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set
     from matryoshka_plugin.demo_job import TOPK_RUN_NAME
 
     out = run / "transcoders-topk"
     if not (out / "config.yaml").is_file():
         settings = json.loads((run / "prefix_fvu.json").read_text())["settings"]
-        export_transcoder_set(run / "checkpoints" / TOPK_RUN_NAME, out, model_name=settings["model"], overwrite=True)
+        export_transcoder_set(run / "checkpoints" / TOPK_RUN_NAME, out, model_name=settings["model"], overwrite=True,
+                              n_layers=n_layers)
     return out
 
 
@@ -92,7 +95,8 @@ def score_coder(model, prompts, prefix_lens, a) -> dict:
             prompt, model, prefix_lens, max_feature_nodes=a.max_feature_nodes, batch_size=a.attribution_batch_size
         )
         per_prompt.append({str(g.prefix_len): dict(replacement=g.replacement, completeness=g.completeness,
-                                                   seconds=round(g.seconds, 1), derived=g.derived) for g in graphs})
+                                                   path_length=g.path_length.mean, seconds=round(g.seconds, 1),
+                                                   derived=g.derived) for g in graphs})
     rows = prefix_causal_report(model, prompts[: a.fidelity_prompts], prefix_lens, factors=(0.0,),
                                 n_features=a.fidelity_features)
     _, fidelity = summarise_fidelity(rows, prefix_lens, factors=(0.0,))
@@ -102,6 +106,7 @@ def score_coder(model, prompts, prefix_lens, a) -> dict:
         out[str(p)] = dict(
             replacement=statistics.mean(g["replacement"] for g in got),
             completeness=statistics.mean(g["completeness"] for g in got),
+            path_length=statistics.mean(g["path_length"] for g in got),
             replacement_per_prompt=[g["replacement"] for g in got],
             completeness_per_prompt=[g["completeness"] for g in got],
             fidelity_cosine=fidelity.get((p, 0.0), (float("nan"),))[0],
@@ -124,14 +129,14 @@ def markdown(result: dict) -> list[str]:
         f"{len(result['prompts'])} held-out prompts, mean over prompts; fidelity: median over the "
         f"{s['fidelity_features']} strongest features of the first {s['fidelity_prompts']} prompts, ablated.",
         "",
-        "| P | coder | replacement | completeness | fidelity cosine | fidelity NMSE |",
-        "|---|---|---|---|---|---|",
+        "| P | coder | replacement | completeness | path length | fidelity cosine | fidelity NMSE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in s["prefix_lens"]:
         for coder in ("matryoshka", "topk"):
             r = result[coder][str(p)]
             lines.append(f"| {p} | {coder} | {r['replacement']:.3f} | {r['completeness']:.3f} "
-                         f"| {r['fidelity_cosine']:.3f} | {r['fidelity_nmse']:.3f} |")
+                         f"| {r['path_length']:.2f} | {r['fidelity_cosine']:.3f} | {r['fidelity_nmse']:.3f} |")
     lines += ["", ANCHORS, "", "Prompts:", ""] + [f"{i + 1}. {p}" for i, p in enumerate(result["prompts"])]
     return lines
 
@@ -166,7 +171,9 @@ def main(argv=None) -> None:
 
     model_spec = settings["model"]
     prefix_lens = a.prefix_lens or settings["nested_sizes"]
-    dirs = {"matryoshka": Path(progress["done"]["export"]["transcoders"]), "topk": export_topk(a.run)}
+    matryoshka_dir = Path(progress["done"]["export"]["transcoders"])
+    n_layers = len(list(matryoshka_dir.glob("layer_*.safetensors")))
+    dirs = {"matryoshka": matryoshka_dir, "topk": export_topk(a.run, n_layers)}
     prompts = held_out_prompts(load_tokenizer(model_spec), a.prompts, a.min_tokens, a.max_tokens)
     result = {
         "settings": dict(run=str(a.run), recipe=settings["recipe"], layers=len(settings["hookpoints"]),
