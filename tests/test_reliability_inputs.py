@@ -210,6 +210,8 @@ BAD_FIELD_VALUES = {
     "nested_decoders": ["sometimes"],
     "batch_topk": ["sometimes"],
     "batch_topk_momentum": [1.0, -0.1, "slow"],
+    "adaptive_every": [0, -5, "often", 2.5],
+    "permute_every": [-1, "often", 2.5],
 }
 FIELD_CASES = [(f, v) for f, vs in BAD_FIELD_VALUES.items() for v in vs]
 
