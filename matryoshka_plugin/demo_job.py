@@ -19,7 +19,8 @@ Outputs under ``--out``:
   prefix_fvu.json   {"settings", "matryoshka": {hookpoint: {P: fvu}}, "topk": {...}}
   prefix_fvu.png    FVU against prefix length, both coders, one panel per hookpoint
   transcoders/      the circuit-tracer transcoder set (every model layer)
-  graphs/           graph files, scores and viewer data (serve with ``viewer serve``)
+  graphs/           graph files with supernodes (+ .hierarchy.json), scores and viewer data
+                    (serve with ``viewer serve``)
   progress.json     the stages done so far (``--recipe full`` resumes from it)
 """
 
@@ -424,6 +425,7 @@ def build_graphs(o: dict, model: LazyReplacementModel, out: Path, nested_sizes: 
     """Attribution graphs of ``--prompt`` at three prefix lengths, as viewer graph files."""
     from .adapters.circuit_tracer.attribution import attribute_prefixes
     from .adapters.circuit_tracer.graph_files import graph_file_entries, score_rows, write_graph_files, write_scores
+    from .adapters.circuit_tracer.hierarchy import write_hierarchy
 
     graphs_dir = out / GRAPHS_DIR
     lens = graph_prefix_lens(nested_sizes)
@@ -433,18 +435,27 @@ def build_graphs(o: dict, model: LazyReplacementModel, out: Path, nested_sizes: 
         batch_size=o["attribution_batch_size"], verbose=True,
     )
     rows = score_rows(results, nested_sizes[-1], nested_sizes)
+    entries = graph_file_entries(GRAPH_SLUG, results, rows)
+    graphs = [(slug, r.prefix_len) for (slug, _, _), r in zip(entries, results)]
+    # Supernodes from the nesting, as circuit-tracer-matryoshka writes by default, scored
+    # with co-activation on the held-out novels the viewer's feature pages come from.
+    annotate = lambda tmp: write_hierarchy(tmp, graphs, model.get(), held_out_texts(o))  # noqa: E731
     # circuit-tracer's CLI defaults for pruning the graph files.
-    write_graph_files(graph_file_entries(GRAPH_SLUG, results, rows), graphs_dir, 0.8, 0.98)
+    write_graph_files(entries, graphs_dir, 0.8, 0.98, annotate)
     write_scores(graphs_dir / f"{GRAPH_SLUG}.scores.json", rows)
     return {"graphs": str(graphs_dir), "prompt": o["prompt"], "scores": rows, "empty_layers": empty}
+
+
+def held_out_texts(o: dict) -> list[str]:
+    """The held-out end of each novel: the supernodes' co-activation and the feature pages."""
+    return [split_text(austen_texts()[n], "test") for n in o["novels"]]
 
 
 def build_viewer(o: dict, model: LazyReplacementModel, out: Path) -> dict:
     """Feature pages and decompositions of the graphs' features, from held-out Austen."""
     from .viewer.data import build_viewer_data
 
-    texts = [split_text(austen_texts()[n], "test") for n in o["novels"]]
-    written = build_viewer_data(out / GRAPHS_DIR, model.get(), texts, n_tokens=o["viewer_tokens"])
+    written = build_viewer_data(out / GRAPHS_DIR, model.get(), held_out_texts(o), n_tokens=o["viewer_tokens"])
     return {"viewer_data": [str(p) for p in written]}
 
 

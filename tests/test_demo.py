@@ -235,6 +235,20 @@ def test_graphs_at_three_prefix_lengths(demo_run):
     assert [row["prefix_len"] for row in scores] == [4, 16, 64]
 
 
+def test_graphs_carry_supernodes_from_the_nesting(demo_run):
+    graphs_dir = demo_run / demo.GRAPHS_DIR
+    assert not (graphs_dir / "austen-p4.hierarchy.json").exists()  # the coarsest has no parent level
+    for p, coarse in ((16, 4), (64, 16)):
+        side = json.loads((graphs_dir / f"austen-p{p}.hierarchy.json").read_text())
+        assert (side["prefix_len"], side["parent_prefix_len"]) == (p, coarse)
+        graph = json.loads((graphs_dir / f"austen-p{p}.json").read_text())
+        ids = {n["node_id"] for n in graph["nodes"]}
+        assert side["parents"] and set(side["parents"]) <= ids
+        assert all(0 <= parent < coarse for parent in side["parents"].values())
+        members = [m for group in graph["qParams"]["supernodes"] for m in group[1:]]
+        assert sorted(members) == sorted(side["parents"])  # every child in exactly one supernode
+
+
 def test_viewer_data_for_the_graphs(demo_run):
     from matryoshka_plugin.viewer.data import VIEWER_DIR, cantor
 
