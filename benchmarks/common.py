@@ -79,6 +79,19 @@ def write_json(obj, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def refuse_bad_counts(args, names: Sequence[str]) -> int | None:
+    """A benchmark's one-line refusal of a count below 1 or ``--test-fraction`` outside
+    (0, 1): prints ``run.py: error: ...`` and returns exit code 2, or None if all is well."""
+    for name in names:
+        if getattr(args, name) < 1:
+            print(f"run.py: error: --{name.replace('_', '-')} {getattr(args, name)} must be at least 1", file=sys.stderr)
+            return 2
+    if not 0 < args.test_fraction < 1:
+        print(f"run.py: error: --test-fraction {args.test_fraction} must be in (0, 1)", file=sys.stderr)
+        return 2
+    return None
+
+
 def write_markdown(lines: Sequence[str], path: str | Path) -> None:
     """Markdown ``lines``, one per line, written atomically."""
     atomic_write_text(path, "\n".join(lines) + "\n")

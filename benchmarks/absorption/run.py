@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.common import provenance, pyplot, save_figure, write_json, write_markdown
+from benchmarks.common import provenance, pyplot, refuse_bad_counts, save_figure, write_json, write_markdown
 from benchmarks.real_model.run import held_out_lm_tokens
 from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
@@ -298,13 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/work/runs/absorb-cache", help="cache and checkpoint directory")
     p.add_argument("--out", default=str(HERE), help="where results.json/.md and the plot go")
     a = p.parse_args(argv)
-    for name in ("width", "k", "tokens", "epochs", "batch_size", "seeds", "words", "lm_seqs", "threads"):
-        if getattr(a, name) < 1:
-            print(f"run.py: error: --{name.replace('_', '-')} {getattr(a, name)} must be at least 1", file=sys.stderr)
-            return 2
-    if not 0 < a.test_fraction < 1:
-        print(f"run.py: error: --test-fraction {a.test_fraction} must be in (0, 1)", file=sys.stderr)
-        return 2
+    if (code := refuse_bad_counts(a, ("width", "k", "tokens", "epochs", "batch_size", "seeds", "words", "lm_seqs", "threads"))) is not None:
+        return code
     started = time.time()
     result = run(a)
     result["wall_s"]["total"] = time.time() - started

@@ -44,6 +44,7 @@ from benchmarks.common import (
     SAELENS_PYTHON,
     provenance,
     pyplot,
+    refuse_bad_counts,
     save_figure,
     scratch_dir,
     write_json,
@@ -371,13 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    for name in ("width", "k", "batch_size", "epochs", "lm_batch_size", "threads"):
-        if getattr(a, name) < 1:
-            print(f"run.py: error: --{name.replace('_', '-')} {getattr(a, name)} must be at least 1", file=sys.stderr)
-            return 2
-    if not 0 < a.test_fraction < 1:
-        print(f"run.py: error: --test-fraction {a.test_fraction} must be in (0, 1)", file=sys.stderr)
-        return 2
+    if (code := refuse_bad_counts(a, ("width", "k", "batch_size", "epochs", "lm_batch_size", "threads"))) is not None:
+        return code
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
