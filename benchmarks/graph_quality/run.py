@@ -103,14 +103,15 @@ def score_coder(model, prompts, prefix_lens, a) -> dict:
     out = {}
     for p in prefix_lens:
         got = [r[str(p)] for r in per_prompt]
+        cosine, nmse = fidelity.get((p, 0.0), (float("nan"), float("nan")))
         out[str(p)] = dict(
             replacement=statistics.mean(g["replacement"] for g in got),
             completeness=statistics.mean(g["completeness"] for g in got),
             path_length=statistics.mean(g["path_length"] for g in got),
             replacement_per_prompt=[g["replacement"] for g in got],
             completeness_per_prompt=[g["completeness"] for g in got],
-            fidelity_cosine=fidelity.get((p, 0.0), (float("nan"),))[0],
-            fidelity_nmse=fidelity.get((p, 0.0), (None, float("nan")))[1],
+            fidelity_cosine=cosine,
+            fidelity_nmse=nmse,
             seconds=sum(g["seconds"] for g in got),
         )
     return out
