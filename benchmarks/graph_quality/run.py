@@ -163,6 +163,8 @@ def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
+    if not (a.run / "progress.json").is_file():
+        raise SystemExit(f"run.py: error: --run {a.run} has no progress.json; give a matryoshka-demo --out folder")
     progress = json.loads((a.run / "progress.json").read_text())
     if "export" not in progress["done"]:
         raise SystemExit(f"{a.run} has not finished its export stage yet (progress.json)")
