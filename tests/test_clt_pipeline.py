@@ -123,13 +123,20 @@ def test_training_reduces_loss_and_writes_run(trained):
     assert not list(root.glob(".run*")), "temporary directories were left behind"
 
 
-def test_resume_continues_exactly(tiny):
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_resume_continues_exactly(tiny, batch_topk):
     root, _, cache = tiny
-    straight = train_clt(_train_cfg(root, cache, "straight", max_steps=12), show_progress=False)
-    train_clt(_train_cfg(root, cache, "resumed", max_steps=6), show_progress=False)
-    resumed = train_clt(_train_cfg(root, cache, "resumed", max_steps=12, resume=True), show_progress=False)
+    clt = CLTConfig(matryoshka=True, num_latents=32, k=4, nested_sizes=[4, 12], batch_topk=batch_topk)
+    run = lambda name, **kw: train_clt(_train_cfg(root, cache, f"{name}{batch_topk}", clt=clt, **kw),  # noqa: E731
+                                       show_progress=False)
+    straight = run("straight", max_steps=16)
+    run("resumed", max_steps=8)
+    resumed = run("resumed", max_steps=16, resume=True)
+    # The BatchTopK thresholds are in the state dict; their EMA windows must go on
+    # from the step reached, not restart.
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    assert torch.equal(resumed.batch_topk_updates, straight.batch_topk_updates)
 
 
 # -- export round trips ---------------------------------------------------------------

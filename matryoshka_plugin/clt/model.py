@@ -28,7 +28,12 @@ from ..core import (
     check_prefix_len,
     truncate_sparse,
 )
-from ..core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
+from ..core.batch_topk import (
+    batch_topk_encode,
+    encode_pre_acts,
+    threshold_select,
+    update_threshold,
+)
 from ..core.cross_layer import (
     cross_layer_nested_fvu,
     cross_layer_recons,
@@ -179,6 +184,11 @@ class MatryoshkaCLT(nn.Module):
         self.register_buffer(
             "batch_topk_threshold", torch.full((L,), -1.0, device=device, dtype=dtype)
         )
+        # Batches each source's threshold has seen, which size its EMA window
+        # (core.batch_topk.update_threshold): a resumed run sets them from its step.
+        self.register_buffer(
+            "batch_topk_updates", torch.zeros(L, device=device, dtype=torch.long), persistent=False
+        )
         self.source: dict = {}
         """Where the CLT came from (model, n_model_layers, hookpoints); saved with it."""
         self.latent_mass = [LatentMass(M) for _ in range(L)]
@@ -222,9 +232,10 @@ class MatryoshkaCLT(nn.Module):
             threshold = self.batch_topk_threshold[s].clamp_min(0)
             return EncoderOutput(*threshold_select(pre_acts, threshold), pre_acts.detach())
         values, indices, pre_acts, min_kept = batch_topk_encode(x, W, b, self.cfg.k)
-        with torch.no_grad():
-            m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold[s]
-            t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
+        update_threshold(
+            self.batch_topk_threshold[s], self.batch_topk_updates[s], min_kept,
+            self.cfg.batch_topk_momentum,
+        )
         return EncoderOutput(values, indices, pre_acts.detach())
 
     def encode(self, x: Tensor) -> list[EncoderOutput]:

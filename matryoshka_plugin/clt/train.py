@@ -174,6 +174,8 @@ def resume_from(ckpt: Path, clt: MatryoshkaCLT, opt, sched) -> tuple[torch.Tenso
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CLTError(f"{path} is not a training state of this CLT (bad {msg})") from None
     clt.load_state_dict(loaded.state_dict())
+    # Every training step updates each source's BatchTopK threshold once.
+    clt.batch_topk_updates.fill_(step if clt.cfg.batch_topk else 0)
     return since_fired, history, step
 
 

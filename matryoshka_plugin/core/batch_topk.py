@@ -16,6 +16,13 @@ Training differentiates the kept values through ``BatchTopKEncoder``, whose back
 is sparse like sparsify's ``FusedEncoder``: gradients equal those of dense autograd
 through ``relu(linear(x))`` (up to summation order), at a cost of kept entries x d
 instead of tokens x width x d.
+
+Inference keeps every activation above a running threshold (``update_threshold``), so a
+token's kept latents depend on that token alone, never on the rest of its batch. The
+output is then ragged the same way: ``[tokens, K]`` with ``K`` the most latents any
+token of this batch keeps, so ``K`` changes from batch to batch while each row's
+(latent, value) entries do not. Decode it, or scatter it into a dense
+``[tokens, width]`` matrix (padding adds 0); do not concatenate batches column-wise.
 """
 
 import torch
@@ -153,6 +160,33 @@ def batch_topk_encode(
     """
     values, indices, pre_acts, min_kept = BatchTopKEncoder.apply(x, weight, bias, k)
     return values, indices, pre_acts, min_kept.detach()
+
+
+THRESHOLD_WINDOW = 0.1
+"""The running threshold averages over the last tenth of the updates so far (see
+``update_threshold``)."""
+
+
+@torch.no_grad()
+def update_threshold(threshold: Tensor, updates: Tensor, min_kept: Tensor, momentum: float) -> None:
+    """Fold one training batch's smallest kept activation into the inference threshold.
+
+    In place on ``threshold`` and on ``updates`` (how many batches it has seen). An EMA
+    whose window is a tenth of the updates so far, at most ``1 / (1 - momentum)``: the
+    first batch sets it, and after ``10 / (1 - momentum)`` updates it is the plain EMA
+    at ``momentum``. A fixed momentum of 0.99 from the first batch lags the smallest
+    kept activation while training still moves it fast: on the hard toy (width 192,
+    k 6), held-out L0 was 0.59 k at step 64 and 0.92 k at step 512 of 1024, against
+    0.92-1.00 k from step 16 on with this window
+    (``benchmarks/quality/BATCHTOPK_SECTION.md``). Tensor arithmetic only, so a CUDA
+    step does not wait on the host.
+    """
+    updates += 1
+    # At least float32: a bfloat16 count would round the window of a long run.
+    dtype = torch.promote_types(threshold.dtype, torch.float32)
+    window = (updates.to(dtype) * THRESHOLD_WINDOW).clamp_min(1)
+    beta = (1 - 1 / window).clamp_max(momentum)
+    threshold.copy_(beta * threshold + (1 - beta) * min_kept)
 
 
 def threshold_select(pre_acts: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,7 @@ class MatryoshkaConfig:
     """Keep the k x batch largest activations over the whole batch (BatchTopK) instead of k per token."""
 
     batch_topk_momentum: float = 0.99
-    """EMA momentum of the BatchTopK inference threshold."""
+    """EMA momentum of the BatchTopK inference threshold, reached after 10 / (1 - momentum) batches; until then the EMA spans the last tenth of the batches seen."""
 
     permute_every: int = 0
     """Every this many optimizer steps, reorder latents by their activation mass since the last reorder, largest first (0: never)."""

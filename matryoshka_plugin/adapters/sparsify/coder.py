@@ -27,12 +27,20 @@ from ...core import (
     nested_fvu,
     prefix_decodes,
 )
-from ...core.batch_topk import batch_topk_encode, encode_pre_acts, threshold_select
+from ...core.batch_topk import (
+    batch_topk_encode,
+    encode_pre_acts,
+    threshold_select,
+    update_threshold,
+)
 from ...core.permutation import LatentMass, permute_latents
 from ...core.prefixes import level_weights, with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
+
+UPDATES_KEY = "batch_topk_updates"
+"""The state key holding how many training batches the threshold has seen."""
 
 
 ACTIVATIONS = ("groupmax", "topk")
@@ -120,6 +128,11 @@ class MatryoshkaSparseCoder(SparseCoder):
             torch.tensor(-1.0, device=device, dtype=dtype),
             persistent=False,
         )
+        # Sizes the threshold's EMA window (core.batch_topk.update_threshold); training
+        # state only, in matryoshka_state.pt.
+        self.register_buffer(
+            "batch_topk_updates", torch.zeros((), device=device, dtype=torch.long), persistent=False
+        )
         self.latent_mass = LatentMass(self.num_latents)
         """Activation mass since the last reorder (``permute_every``)."""
         self._pending_sizes: list[int] | None = None
@@ -139,6 +152,10 @@ class MatryoshkaSparseCoder(SparseCoder):
 
     # -- encoder: BatchTopK --------------------------------------------------
     def encode(self, x: Tensor) -> EncoderOutput:
+        """sparsify's TopK, or BatchTopK: the batch's k x tokens largest activations in
+        training, every activation above the running threshold in eval mode. BatchTopK
+        output is ragged (``core.batch_topk``): ``[tokens, K]`` with ``K`` this batch's
+        largest per-token count, each row's entries independent of the other rows in eval."""
         if not self.cfg.batch_topk:
             return super().encode(x)
         if not self.cfg.transcode:
@@ -147,9 +164,10 @@ class MatryoshkaSparseCoder(SparseCoder):
         if self.training:
             # Sparse backward over the kept entries only, as sparsify's fused encoder.
             values, indices, pre_acts, min_kept = batch_topk_encode(x, W, b, self.cfg.k)
-            with torch.no_grad():
-                m, t = self.cfg.batch_topk_momentum, self.batch_topk_threshold
-                t.copy_(torch.where(t < 0, min_kept, m * t + (1 - m) * min_kept))
+            update_threshold(
+                self.batch_topk_threshold, self.batch_topk_updates, min_kept,
+                self.cfg.batch_topk_momentum,
+            )
         else:
             pre_acts = encode_pre_acts(x, W, b)
             threshold = self.batch_topk_threshold.clamp_min(0)
@@ -294,6 +312,7 @@ class MatryoshkaSparseCoder(SparseCoder):
         state = {
             "sampler": self.sampler.state_dict(),
             THRESHOLD_KEY: self.batch_topk_threshold.detach().cpu(),
+            UPDATES_KEY: self.batch_topk_updates.cpu(),
         }
         if self.cfg.permute_every:
             state["latent_mass"] = self.latent_mass.state_dict()
@@ -302,6 +321,9 @@ class MatryoshkaSparseCoder(SparseCoder):
     def load_matryoshka_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.batch_topk_threshold.copy_(state[THRESHOLD_KEY])
+        # A state written before the count existed restarts the window: the next batch
+        # sets the threshold, which then averages over a tenth of the steps since.
+        self.batch_topk_updates.fill_(int(state.get(UPDATES_KEY, 0)))
         if self.cfg.permute_every:
             self.latent_mass.load_state_dict(state["latent_mass"])
 
