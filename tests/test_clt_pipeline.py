@@ -139,6 +139,27 @@ def test_resume_continues_exactly(tiny, batch_topk):
     assert torch.equal(resumed.batch_topk_updates, straight.batch_topk_updates)
 
 
+def test_a_plain_clt_evaluates_as_a_matryoshka_one(tiny):
+    """#20: every entry point returns coders that evaluate the same way, baselines included."""
+    root, _, cache = tiny
+    plain = train_clt(_train_cfg(root, cache, "plain", max_steps=4,
+                                 clt=CLTConfig(matryoshka=False, num_latents=32, k=4)), show_progress=False)
+    nested = train_clt(_train_cfg(root, cache, "nested", max_steps=4), show_progress=False)
+    assert type(plain) is type(nested) is MatryoshkaCLT and not plain.training
+    assert plain.nested_sizes == [32] and nested.nested_sizes == [4, 12, 32]
+    x, y = ActivationCache(cache).load()
+    x, y = x[:256].float(), y[:256].float()
+    for clt in (plain, nested):
+        by_prefix = clt.prefix_fvu(x, y, [4, 12, 32])
+        assert list(by_prefix) == [4, 12, 32] and all(len(v) == 3 for v in by_prefix.values())
+        # The full width's FVU is the CLT's own full reconstruction's.
+        full = ((y - clt.reconstruct(x)).pow(2).sum((0, 2)) / (y - y.mean(0)).pow(2).sum((0, 2)))
+        assert by_prefix[32] == pytest.approx(full.tolist(), rel=1e-5)
+    assert list(plain.prefix_fvu(x, y)) == [32]
+    metrics = json.loads((root / "plain" / "clt" / "metrics.json").read_text())
+    assert list(metrics["holdout_prefix_fvu"]) == ["2", "4", "8", "16", "32"]
+
+
 # -- export round trips ---------------------------------------------------------------
 
 
