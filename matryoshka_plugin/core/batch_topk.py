@@ -177,7 +177,7 @@ def update_threshold(threshold: Tensor, updates: Tensor, min_kept: Tensor, momen
     at ``momentum``. A fixed momentum of 0.99 from the first batch lags the smallest
     kept activation while training still moves it fast: on the hard toy (width 192,
     k 6), held-out L0 was 0.59 k at step 64 and 0.92 k at step 512 of 1024, against
-    0.92-1.00 k from step 16 on with this window
+    0.91-1.04 k from step 16 on with this window
     (``benchmarks/quality/BATCHTOPK_SECTION.md``). Tensor arithmetic only, so a CUDA
     step does not wait on the host.
     """
