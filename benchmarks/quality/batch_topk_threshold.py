@@ -9,6 +9,9 @@ the same stream of per-batch smallest kept activations, so one run compares them
   plugin before 2026-12-02);
 - ``ema_debiased``: the same EMA with Adam's bias correction, so the first batch
   weighs as much as any other rather than 0.99^n;
+- ``ema_0.9``, ``last_batch``: a fixed momentum of 0.9, and no averaging at all;
+- ``window_5pct``, ``window_10pct``: an EMA over the last 5 % / 10 % of the batches so
+  far, at most 0.99 (the plugin now implements the 10 % one);
 - ``coder``: the threshold the coder itself holds (whatever rule it implements);
 - ``per_token_topk``: plain TopK per row (L0 = k exactly), for its FVU;
 - ``oracle``: the threshold that gives L0 = k on the held-out rows themselves.
