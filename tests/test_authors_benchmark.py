@@ -131,6 +131,20 @@ def test_authors_get_the_batches_sparsify_trains_on(monkeypatch):
         assert torch.equal(rows, expected[step])
 
 
+def suite_entry(rows: list[str], lr: float) -> dict:
+    return {"command": "c", "date": "d", "machine": "m", "adapter_max_abs_diff": {},
+            "settings": {"lr": lr, "nabeshima_l0k_calibration": {}},
+            "summary": {r: {"fvu_full": r} for r in rows}, "per_seed": {r: [] for r in rows}}
+
+
+def test_merge_adds_rows_in_table_order_and_refuses_other_settings():
+    merged = R.merge_rows(suite_entry(["topk", "bussmann_matryoshka"], 1e-3), suite_entry(["batch_topk"], 1e-3))
+    assert list(merged["summary"]) == ["topk", "batch_topk", "bussmann_matryoshka"]
+    assert [r["rows"] for r in merged["runs"]] == [["topk", "bussmann_matryoshka"], ["batch_topk"]]
+    with pytest.raises(ValueError, match="cannot merge: setting 'lr' is 0.002 here but 0.001"):
+        R.merge_rows(suite_entry(["topk"], 1e-3), suite_entry(["batch_topk"], 2e-3))
+
+
 @needs_checkouts
 def test_tiny_end_to_end_run(tmp_path):
     out = tmp_path / "out"

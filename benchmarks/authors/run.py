@@ -17,6 +17,7 @@ Two local checkouts, read-only and outside this repository (never copied into it
 
 Next to them, in the same process and on the same row batches in the same order, the
 plugin trains through sparsify's Trainer (``fit_activations``): ``topk`` (plain sparsify),
+``batch_topk`` (the plugin's one-level BatchTopK),
 ``matryoshka_fixed`` and ``matryoshka_pareto`` (the plugin's defaults), and the plugin set
 up like each author: ``matryoshka_bussmann_like`` (BatchTopK, the bias-only level counted,
 fixed groups) and ``matryoshka_nabeshima_like`` (Pareto prefixes, latents permuted every step).
@@ -67,6 +68,8 @@ CHECKOUTS = {
 # name -> plugin Matryoshka fields ("width": the full width as the only nested size)
 PLUGIN_ROWS: dict[str, dict] = {
     "topk": {"matryoshka": False},
+    # One level (the full width): the plugin's BatchTopK, to set against Bussmann's.
+    "batch_topk": {"matryoshka": True, "batch_topk": True, "nested_sizes": "width"},
     "matryoshka_fixed": {"matryoshka": True, "prefix_schedule": "fixed"},
     "matryoshka_pareto": {"matryoshka": True, "prefix_schedule": "pareto"},
     "matryoshka_bussmann_like": {"matryoshka": True, "prefix_schedule": "fixed", "batch_topk": True, "bias_level": True},
@@ -307,6 +310,8 @@ def nabeshima_adapter(sae, x_check: Tensor) -> tuple[SaeLensJumpReLU, float]:
 
 def train_plugin(name: str, x: Tensor, budget: Budget, suite: Suite, seed: int):
     fields = dict(PLUGIN_ROWS[name])
+    if fields.get("nested_sizes") == "width":
+        fields["nested_sizes"] = [suite.width]
     cfg = MatryoshkaSparseCoderConfig(num_latents=suite.width, k=suite.k, **fields)
     started = time.perf_counter()
     coder = fit_activations(
@@ -417,8 +422,32 @@ def run_suite(name: str, args, modules: dict) -> dict:
             "adapter_max_abs_diff": checks, "summary": summary, "per_seed": per_seed}
 
 
+# Settings that differ between runs of one suite without changing what was measured.
+PER_RUN_SETTINGS = ("nabeshima_l0k_calibration",)
+
+
+def merge_rows(old: dict, new: dict) -> dict:
+    """``old``'s suite entry with ``new``'s rows added (or replaced); both runs recorded.
+    Raises ``ValueError`` naming the first setting on which they differ."""
+    for key, value in new["settings"].items():
+        if key not in PER_RUN_SETTINGS and old["settings"].get(key) != value:
+            raise ValueError(f"cannot merge: setting {key!r} is {value!r} here but "
+                             f"{old['settings'].get(key)!r} in results.json; rerun without --merge")
+    merged = {**old, "summary": {**old["summary"], **new["summary"]}, "per_seed": {**old["per_seed"], **new["per_seed"]},
+              "adapter_max_abs_diff": {**old["adapter_max_abs_diff"], **new["adapter_max_abs_diff"]}}
+    merged["settings"] = {**old["settings"], "nabeshima_l0k_calibration": {
+        **old["settings"]["nabeshima_l0k_calibration"], **new["settings"]["nabeshima_l0k_calibration"]}}
+    first = {k: old[k] for k in ("command", "date", "machine")} | {"rows": list(old["summary"])}
+    merged["runs"] = old.get("runs", [first]) + [{k: new[k] for k in ("command", "date", "machine")} | {"rows": list(new["summary"])}]
+    order = [r for r in ROWS if r in merged["summary"]]
+    merged["summary"] = {r: merged["summary"][r] for r in order}
+    merged["per_seed"] = {r: merged["per_seed"][r] for r in order}
+    return merged
+
+
 LABELS = {
     "topk": "plugin TopK (sparsify)",
+    "batch_topk": "plugin BatchTopK",
     "matryoshka_fixed": "plugin fixed groups",
     "matryoshka_pareto": "plugin Pareto",
     "matryoshka_bussmann_like": "plugin, Bussmann's set-up",
@@ -493,6 +522,8 @@ def parse_args(argv):
     p.add_argument("--test-fraction", type=float, default=0.1, help="smollm2: last fraction of sequences held out")
     p.add_argument("--ctx-len", type=int, default=128, help="smollm2: the cache's context length")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", action="store_true",
+                   help="add these rows to each suite already in OUT_DIR/results.json (same settings) instead of replacing it")
     p.add_argument("--out-dir", type=Path, default=HERE)
     return p, p.parse_args(argv)
 
@@ -531,7 +562,9 @@ def main(argv=None) -> int:
     result = json.loads(path.read_text()) if path.is_file() else {"suites": {}}
     for name in suites:
         try:
-            result["suites"][name] = run_suite(name, args, modules)
+            new = run_suite(name, args, modules)
+            old = result["suites"].get(name)
+            result["suites"][name] = merge_rows(old, new) if args.merge and old else new
         except (ValueError, CLTError) as e:  # a budget that cannot be planned, a cache without the layer
             print(f"run.py: error: {e}", file=sys.stderr)
             return 2
