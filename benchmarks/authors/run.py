@@ -497,9 +497,11 @@ def plot(result: dict, path: Path) -> None:
             style = "o-" if row in PLUGIN_ROWS else "s--"
             ax.errorbar(P, [m["fvu_vs_prefix"][str(p)]["mean"] for p in P],
                         yerr=[m["fvu_vs_prefix"][str(p)]["std"] for p in P], fmt=style, ms=3, capsize=2,
-                        color=f"C{i}", label=LABELS.get(row, row))
+                        color=plt.cm.tab20(i % 20), label=LABELS.get(row, row))
         ax.set(xscale="log", yscale="log", xlabel="prefix length P (latents kept)", ylabel="held-out FVU",
                title=f"{name}: width {r['settings']['width']}, k {r['settings']['k']}")
+        ax.set_xticks(r["settings"]["nested_sizes"], [str(p) for p in r["settings"]["nested_sizes"]])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("plugin (solid) and the authors' code (dashed), same data and steps; 2026-12-02, shared 2-core CPU machine",
