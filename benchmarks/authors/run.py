@@ -111,7 +111,6 @@ class Suite:
     steps: int
     lr: float
     available_rows: int  # training rows on offer; the budget may use fewer
-    test_rows: int
 
 
 def toy_model(name: str) -> ToyModel:
@@ -128,13 +127,13 @@ def default_suite(name: str, available_rows: int | None = None) -> Suite:
     on ``available_rows`` cached rows.
     """
     if name == "toy":
-        return Suite(name, toy_model(name).cfg.n_features, 4, 512, 65536 // 512 * 6, 3e-3, 65536, 8192)
+        return Suite(name, toy_model(name).cfg.n_features, 4, 512, 65536 // 512 * 6, 3e-3, 65536)
     if name == "hard_toy":
-        return Suite(name, 2 * toy_model(name).cfg.n_features, 6, 512, 65536 // 512 * 8, 3e-3, 65536, 8192)
+        return Suite(name, 2 * toy_model(name).cfg.n_features, 6, 512, 65536 // 512 * 8, 3e-3, 65536)
     if name == "smollm2":
         if available_rows is None:
             raise ValueError("the smollm2 suite needs the number of cached training rows")
-        return Suite(name, 1152, 32, 1024, available_rows // 1024 * 4, 7.5e-4, available_rows, 0)
+        return Suite(name, 1152, 32, 1024, available_rows // 1024 * 4, 7.5e-4, available_rows)
     raise ValueError(f"unknown suite {name!r}; allowed: toy, hard_toy, smollm2")
 
 
@@ -411,7 +410,7 @@ def run_suite(name: str, args, modules: dict) -> dict:
         **asdict(suite), "steps": budget.steps, "train_rows": budget.rows, "epochs": budget.epochs,
         "test_rows": len(x_test), "seeds": args.seeds, "nested_sizes": nested, "prefix_lens": prefix_lens,
         "plugin_lr_warmup_steps": warmup_steps(budget.steps), "threads": torch.get_num_threads(),
-        "bussmann": {k: v for k, v in BUSSMANN_DEFAULTS.items()}, "nabeshima": dict(NABESHIMA_DEFAULTS),
+        "bussmann": dict(BUSSMANN_DEFAULTS), "nabeshima": dict(NABESHIMA_DEFAULTS),
         "nabeshima_l0k_calibration": calibration,
     }
     if toy is not None:
@@ -469,7 +468,9 @@ def table(result: dict) -> list[str]:
         P = [str(p) for p in s["nested_sizes"]]
         lines += [
             f"## {name}", "",
-            f"{r['date']}, {r['machine']}. Command: `{r['command']}`.", "",
+            f"{r['date']}, {r['machine']}. Command: `{r['command']}`.",
+            *(f"Rows {', '.join(run['rows'])} added {run['date']} by `{run['command']}`." for run in r.get("runs", [])[1:]),
+            "",
             f"Width {s['width']}, k {s['k']}, {s['steps']} steps of {s['batch_size']} rows ({s['epochs']} epochs of "
             f"{s['train_rows']} rows), lr {s['lr']:g}, seeds {s['seeds']}, {s['test_rows']} held-out rows; "
             f"FVU at the nested sizes {s['nested_sizes']}.", "",
@@ -527,7 +528,7 @@ def parse_args(argv):
     p.add_argument("--merge", action="store_true",
                    help="add these rows to each suite already in OUT_DIR/results.json (same settings) instead of replacing it")
     p.add_argument("--out-dir", type=Path, default=HERE)
-    return p, p.parse_args(argv)
+    return p.parse_args(argv)
 
 
 def refusal(args) -> str | None:
@@ -550,7 +551,7 @@ def refusal(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    _, args = parse_args(argv)
+    args = parse_args(argv)
     if (msg := refusal(args)) is not None:
         print(f"run.py: error: {msg}", file=sys.stderr)
         return 2
