@@ -7,7 +7,9 @@ a latent fires where ``pre > threshold`` with value ``relu(pre)``; the output is
 ``acts @ W_dec + b_dec``. The toy and real-model benchmarks evaluate those SAEs with
 the plugin's own metrics (``prefix_curve``, ``spliced_lm_metrics``, the toy's ground
 truth) through this adapter, and check it against SAELens' own encode/decode (which
-runs in the separate SAELens environment).
+runs in the separate SAELens environment). ``benchmarks/authors`` puts Bussmann's (his
+eval-mode threshold, no encoder bias) and Nabeshima's (threshold 0, his input scaling
+folded into the weights) coders behind it the same way.
 """
 
 import json
