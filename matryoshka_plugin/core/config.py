@@ -43,7 +43,7 @@ class MatryoshkaConfig:
     """Smallest prefix length a sampled schedule may draw."""
 
     pareto_shape: float = 0.5
-    """Shape (alpha) of the truncated-Pareto prefix distribution; smaller puts more mass on short prefixes."""
+    """Shape (alpha) of the truncated-Pareto prefix distribution (survival (min_prefix/l)^alpha); larger puts more mass on short prefixes."""
 
     prefix_seed: int = 0
     """Seed of the prefix sampler's own random generator."""
