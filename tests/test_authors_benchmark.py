@@ -170,7 +170,7 @@ def test_tiny_end_to_end_run(tmp_path):
 
 @needs_checkouts
 def test_nabeshima_permutation_leaves_adam_state_behind():
-    """The fact RESULTS_SECTION.md states: his permute_latents looks for optimizer state in
+    """The fact the RESULTS.md "authors" section states: his permute_latents looks for optimizer state in
     ``param_group["state"]``, which torch never fills, so Adam's moments stay in the old order."""
     module = R.load_sae_module(NABESHIMA, "nabeshima")
     torch.manual_seed(0)
