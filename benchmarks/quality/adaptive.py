@@ -3,7 +3,7 @@
 The hard toy, budget, metrics and ratios of ``benchmarks.quality.run`` (its ``main``, run
 with these variants): absorption of parents, FVU at the full width and at P = width/16,
 dead latents, each against the plain TopK coder. Variants: Bussmann's fixed groups
-(``mat``), Nabeshima's Pareto (``mat_pareto``), ``prefix_schedule='adaptive'``,
+(``mat``), the truncated-Pareto sampled prefixes (``mat_pareto``), ``prefix_schedule='adaptive'``,
 ``permute_every`` on fixed groups, and both together; each moves every 64 of the 1024
 steps. Its own defaults: settings w2_k6,w4_k6, seeds 0,1.
 

@@ -9,7 +9,7 @@ width, k, batch size, epochs, Adam, learning rate and schedule:
 - ``topk_reordered``: the same coder, latents sorted by mean squared activation on the
   training rows (seed 003, section 4); no training;
 - ``matryoshka_fixed``: the plugin, Bussmann's fixed groups (1/16,1/16,1/8,1/4,1/2);
-- ``matryoshka_pareto``: the plugin, Nabeshima's truncated-Pareto prefixes;
+- ``matryoshka_pareto``: the plugin, truncated-Pareto sampled prefixes (Nabeshima's idea, not his distribution: benchmarks/authors);
 - ``saelens_matryoshka``: SAELens 6.x ``MatryoshkaBatchTopKTrainingSAE`` trained as a
   transcoder by SAELens' own ``SAETrainer`` in the SAELens environment
   (``saelens_transcoder.py``), evaluated with SAELens' inference semantics (the

@@ -8,7 +8,7 @@ same hierarchical toy activations, with the same width and k, for several seeds:
   (seed 003, section 4). Ground-truth metrics do not depend on latent order, so it
   only differs from ``topk`` in the FVU-vs-prefix curve;
 - ``matryoshka_fixed``: Bussmann's fixed groups (1/16, 1/16, 1/8, 1/4, 1/2 of the width);
-- ``matryoshka_pareto``: Nabeshima's truncated-Pareto prefixes, resampled every step;
+- ``matryoshka_pareto``: truncated-Pareto sampled prefixes (Nabeshima's idea, not his distribution: benchmarks/authors), resampled every step;
 - ``batch_topk``: BatchTopK with a single level (the anchor's baseline);
 - ``matryoshka_batch_topk``: fixed groups with BatchTopK (the anchor's Matryoshka);
 - ``saelens_batch_topk`` and ``saelens_matryoshka_batch_topk``: SAELens' own
