@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matryoshka_plugin.adapters.sparsify import MatryoshkaSparseCoder, MatryoshkaSparseCoderConfig
-from matryoshka_plugin.clt import CLTConfig, CLTTrainConfig, train_clt
+from matryoshka_plugin.clt import CLTConfig, CLTTrainConfig, load_clt, train_clt
 from matryoshka_plugin.core import MatryoshkaConfig, MatryoshkaConfigError, PrefixSampler
 from matryoshka_plugin.core.errors import CLTError
 from matryoshka_plugin.core.schedules import adaptive_sizes
@@ -133,6 +133,7 @@ def test_clt_resume_equals_an_uninterrupted_run(cache, tmp_path, fields):
     assert resumed.nested_sizes == straight.nested_sizes
     if "prefix_schedule" in fields:
         assert straight.nested_sizes != [4, 12, 32], "the sizes never moved: nothing tested"
+        assert load_clt(tmp_path / "straight" / "clt").nested_sizes == straight.nested_sizes
 
 
 def test_options_round_trip_through_config_files_and_coder_checkpoints(tmp_path):
@@ -156,3 +157,57 @@ def test_options_round_trip_through_config_files_and_coder_checkpoints(tmp_path)
     assert (loaded.cfg.prefix_schedule, loaded.cfg.adaptive_every, loaded.cfg.permute_every) == ("adaptive", 7, 3)
     clt = CLTConfig(matryoshka=True, prefix_schedule="adaptive", adaptive_every=5)
     assert CLTConfig.from_dict(clt.to_dict()) == clt
+
+
+def test_adapted_sizes_reach_the_checkpoint_its_loads_and_the_export(tmp_path):
+    """The sizes training moved to, not the configured ones, are what a loaded coder
+    measures prefixes at and what the export records for circuit-tracer's prefixes."""
+    import json
+    import shutil
+
+    from matryoshka_plugin.adapters.circuit_tracer.sparsify_export import export_transcoder_set
+    from matryoshka_plugin.adapters.circuit_tracer.transcoder_dir import read_nested_sizes
+    from matryoshka_plugin.adapters.sparsify import load_coder
+    from matryoshka_plugin.fit import HOOKPOINT
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 4, generator=g) @ torch.randn(4, 16, generator=g)
+    y = x @ torch.randn(16, 16, generator=g)
+    cfg = MatryoshkaSparseCoderConfig(matryoshka=True, num_latents=64, k=4, transcode=True,
+                                      prefix_schedule="adaptive", adaptive_every=8)
+    trained = fit_activations(x, cfg, targets=y, batch_size=64, seq_len=16, optimizer="adam",
+                              lr=3e-3, save_dir=tmp_path, run_name="run")
+    sizes = trained.nested_sizes
+    assert sizes != cfg.resolve_nested_sizes(64, 4), "the sizes never moved: nothing tested"
+    saved = tmp_path / "run" / HOOKPOINT
+    loaded = load_coder(saved)
+    assert loaded.nested_sizes == sizes
+    assert list(loaded.prefix_fvu(x, y)) == sizes
+    assert loaded.cfg.resolve_nested_sizes(64, 4) == cfg.resolve_nested_sizes(64, 4), "the config keeps the starting sizes"
+
+    shutil.copytree(saved, tmp_path / "mlps" / "layers.0.mlp")
+    export_transcoder_set(tmp_path / "mlps", tmp_path / "export")
+    assert read_nested_sizes(tmp_path / "export")["nested_sizes"] == sizes
+
+    # A cfg.json written before the sizes were recorded loads with the starting sizes, and says so.
+    cfg_json = saved / "cfg.json"
+    cfg_json.write_text(json.dumps({k: v for k, v in json.loads(cfg_json.read_text()).items()
+                                    if k != "adapted_nested_sizes"}))
+    with pytest.warns(UserWarning, match="records no adapted_nested_sizes"):
+        assert load_coder(saved).nested_sizes == cfg.resolve_nested_sizes(64, 4)
+
+
+def test_clt_refuses_a_bad_adapted_sizes_record_in_one_line(tmp_path):
+    import json
+
+    from matryoshka_plugin.clt import MatryoshkaCLT, save_clt
+
+    cfg = CLTConfig(matryoshka=True, num_latents=32, k=4, nested_sizes=[4, 12], prefix_schedule="adaptive")
+    save_clt(MatryoshkaCLT(8, [0, 1], cfg), tmp_path / "c")
+    path = tmp_path / "c" / "config.json"
+    d = json.loads(path.read_text())
+    d["nested_sizes_by_layer"] = {"0": [12, 4, 32], "1": [12, 4, 32]}
+    path.write_text(json.dumps(d))
+    with pytest.raises(CLTError, match=r"adapted nested sizes \[12, 4, 32\] do not fit") as e:
+        load_clt(tmp_path / "c")
+    assert "\n" not in str(e.value)

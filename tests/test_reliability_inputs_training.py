@@ -228,6 +228,11 @@ CFG_CASES = [
     ("no_d_in", {"d_in": None}, "d_in=None"),
     ("list_k", {"k": [4]}, "k=[4]"),
     ("threshold", {"batch_topk_threshold": "high"}, "high"),
+    ("adapted_not_adaptive", {"adapted_nested_sizes": [4, 12, 32]}, "adapted_nested_sizes=[4, 12, 32]"),
+    ("adapted_unsorted", {"prefix_schedule": "adaptive", "adapted_nested_sizes": [12, 4, 32]}, "[12, 4, 32]"),
+    ("adapted_short", {"prefix_schedule": "adaptive", "adapted_nested_sizes": [4, 32]}, "[4, 32]"),
+    ("adapted_past_width", {"prefix_schedule": "adaptive", "adapted_nested_sizes": [4, 12, 64]}, "[4, 12, 64]"),
+    ("adapted_string", {"prefix_schedule": "adaptive", "adapted_nested_sizes": "8,16"}, "'8,16'"),
 ]
 
 

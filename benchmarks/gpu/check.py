@@ -5,6 +5,8 @@
     with sparsify's decode (Triton when installed) and its bf16 autocast; timed with
     CUDA events after a warm-up, peak from ``torch.cuda.max_memory_allocated``.
 (3) A Matryoshka CLT step (30 layers) against the same CLT without Matryoshka.
+(5) The issue-#19 options on the device: adaptive prefix sizes, permute_every, the
+    BatchTopK threshold (``benchmarks/gpu/options.py``). (4) is in ``run.sh``.
 Without CUDA every part runs at tiny shapes on the CPU (``--smoke`` forces that), so CI
 can check that the script works; those numbers mean nothing.
 """
@@ -20,6 +22,7 @@ from matryoshka_plugin.clt.model import CLTConfig, MatryoshkaCLT
 from matryoshka_plugin.core.batch_topk import batch_topk_encode
 
 from benchmarks.common import provenance, write_json, write_markdown
+from benchmarks.gpu import options
 from benchmarks.training_cost.run import CoderStep, build_coder, variant_specs
 
 HERE = Path(__file__).resolve().parent
@@ -154,13 +157,15 @@ def main(argv=None):
         ref = reference_check(device, 576, 16384, 32, 4096)
         rows = ratio_rows(device, SHAPES, 32, 4096, reps=10)
         clt = clt_rows(device, 30, 576, 4096, 32, 1024, reps=5)
+        opts = options.run_all(device, 576, 16384, 32, 2048, Timer(device), reps=10, batches=300)
     else:
         ref = reference_check(device, 8, 64, 4, 32)
         rows = ratio_rows(device, [(8, 64)], 4, 32, reps=2)
         clt = clt_rows(device, 3, 8, 32, 4, 16, reps=2)
+        opts = options.run_all(device, 8, 64, 4, 64, Timer(device), reps=2, batches=300)
     meta = {**provenance(__spec__.name, argv), "device": torch.cuda.get_device_name() if gpu else "cpu (smoke: tiny shapes)",
             "wall_s": round(time.time() - t0, 1)}
-    write_json({"meta": meta, "reference": ref, "ratios": rows, "clt": clt}, a.out / "results.json")
+    write_json({"meta": meta, "reference": ref, "ratios": rows, "clt": clt, "options": opts}, a.out / "results.json")
     lines = [f"{meta['date']}, {meta['device']}, {meta['machine']}. Command: `{meta['command']}`", "",
              "| d | width | variant | step ms | time ratio | peak MiB | mem ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -171,7 +176,7 @@ def main(argv=None):
         mem = f"{r['mem_ratio']:.3f}" if r["mem_ratio"] else "-"
         lines.append(f"| {r['d']} | {r['width']} | {r['variant']} | {r['step_s'] * 1e3:.1f} | {r['time_ratio']:.3f} | {mib} | {mem} |")
     lines += ["", "CLT: " + ", ".join(f"{r['variant']} {r['step_s'] * 1e3:.1f} ms ({r['time_ratio']:.3f}x)" for r in clt),
-              "", "Reference (CPU float64): " + repr(ref)]
+              "", "Reference (CPU float64): " + repr(ref), "", *options.lines(opts)]
     write_markdown(lines, a.out / "results.md")
     print("\n".join(lines))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The issue-#21 GPU check: under 8 minutes on one H100/H200. Without CUDA it runs the
-# CPU-safe parts at tiny shapes (the CI smoke test). Results: benchmarks/gpu/results/.
+# The GPU check of issues #21 and #19 (its options: check.py part 5): under 8 minutes on
+# one H100/H200. Without CUDA it runs the CPU-safe parts at tiny shapes (the CI smoke
+# test). Results: benchmarks/gpu/results/.
 #   benchmarks/gpu/run.sh [--out DIR] [--smoke]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

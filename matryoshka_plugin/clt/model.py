@@ -529,10 +529,11 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> Matryoshka
         shared = shared_nested_sizes(d["nested_sizes_by_layer"])
         # Sampled schedules record the width only; fixed ones must match the config;
         # the adaptive schedule records where training left its levels.
-        n_levels = len(clt.nested_sizes)
-        increasing = all(0 < a < b for a, b in zip(shared, shared[1:]))
-        if cfg.prefix_schedule == "adaptive" and increasing and len(shared) == n_levels and shared[-1] == clt.num_latents:
-            clt.sampler.fixed_sizes = list(shared)
+        if cfg.prefix_schedule == "adaptive":
+            try:
+                clt.sampler.adopt_sizes(shared)
+            except ValueError as e:
+                raise CLTError(f"{path / CONFIG_FILE}: {e}") from None
         elif shared and shared != clt.nested_sizes:
             raise CLTError(
                 f"{path / CONFIG_FILE}: recorded nested sizes {shared} do not match the "

@@ -97,12 +97,27 @@ class PrefixSampler:
             }
         return state
 
+    def adopt_sizes(self, sizes) -> None:
+        """Take the nested sizes an adaptive run had moved to (a checkpoint's record).
+
+        Raises ValueError naming ``sizes`` unless they are as many strictly increasing
+        positive integers as the configured levels, ending at the width.
+        """
+        if not self.adaptive:
+            raise ValueError(f"adapted nested sizes {sizes!r} need prefix_schedule='adaptive'")
+        ints = isinstance(sizes, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
+        if not (ints and len(sizes) == len(self.fixed_sizes) and sizes[-1] == self.num_latents
+                and all(a < b for a, b in zip([0, *sizes], sizes))):
+            raise ValueError(
+                f"adapted nested sizes {sizes!r} do not fit: expected {len(self.fixed_sizes)} "
+                f"strictly increasing positive integers ending at the width {self.num_latents}"
+            )
+        self.fixed_sizes = list(sizes)
+
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         if self.adaptive:
             adaptive = state["adaptive"]
             self.mass.load_state_dict(adaptive)
-            sizes = [int(s) for s in adaptive["sizes"]]
-            if len(sizes) != len(self.fixed_sizes) or sizes[-1] != self.num_latents:
-                raise ValueError(f"adaptive sizes {sizes} do not fit {self.fixed_sizes}")
-            self.fixed_sizes, self.steps = sizes, int(adaptive["steps"])
+            self.adopt_sizes([int(s) for s in adaptive["sizes"]])
+            self.steps = int(adaptive["steps"])

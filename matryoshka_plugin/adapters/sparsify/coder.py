@@ -4,7 +4,7 @@
 field of the output sparsify's trainer optimises; outside training it is the plain
 coder. It also offers BatchTopK and prefix-specific decoders. Its ``sae.safetensors``
 holds exactly sparsify's tensors unless ``nested_decoders`` adds the level decoders;
-the BatchTopK threshold travels in ``cfg.json``.
+the BatchTopK threshold and the adaptive schedule's nested sizes travel in ``cfg.json``.
 """
 
 import json
@@ -38,6 +38,10 @@ from ...core.prefixes import level_weights, with_bias_level
 
 THRESHOLD_KEY = "batch_topk_threshold"
 """The ``cfg.json`` key (and state key) holding the BatchTopK inference threshold."""
+
+ADAPTED_SIZES_KEY = "adapted_nested_sizes"
+"""The ``cfg.json`` key holding the nested sizes ``prefix_schedule='adaptive'`` moved to:
+the config keeps the sizes it starts from (and whose shares it aims for)."""
 
 UPDATES_KEY = "batch_topk_updates"
 """The state key holding how many training batches the threshold has seen."""
@@ -332,11 +336,15 @@ class MatryoshkaSparseCoder(SparseCoder):
         # previous coder directory or the new one, never a cfg.json without its weights.
         with atomic_dir(path) as tmp:
             super().save_to_disk(tmp)
+            extra = {}
             if self.cfg.batch_topk:
+                extra[THRESHOLD_KEY] = float(self.batch_topk_threshold)
+            if self.sampler.adaptive:
+                extra[ADAPTED_SIZES_KEY] = self.nested_sizes
+            if extra:
                 cfg_path = tmp / "cfg.json"
                 cfg_dict = json.loads(cfg_path.read_text())
-                cfg_dict[THRESHOLD_KEY] = float(self.batch_topk_threshold)
-                atomic_write_text(cfg_path, json.dumps(cfg_dict))
+                atomic_write_text(cfg_path, json.dumps({**cfg_dict, **extra}))
 
 
 @torch.no_grad()

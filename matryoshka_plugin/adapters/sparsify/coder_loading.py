@@ -1,6 +1,7 @@
 """Loading a saved coder directory (``cfg.json`` + ``sae.safetensors``) with its metadata."""
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from ...atomic import recover_path
 from ...core.errors import CheckpointError, MatryoshkaConfigError
 from ...core.field_types import config_problems
 from .coder import (
+    ADAPTED_SIZES_KEY,
     THRESHOLD_KEY,
     MatryoshkaSparseCoder,
     MatryoshkaSparseCoderConfig,
@@ -79,6 +81,7 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
     threshold = cfg_dict.pop(THRESHOLD_KEY, None)
     if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
         raise CheckpointError(f"{path / 'cfg.json'}: {THRESHOLD_KEY}={threshold!r} is not a number")
+    adapted = cfg_dict.pop(ADAPTED_SIZES_KEY, None)
     coder_cls = coder_class(SimpleNamespace(**cfg_dict))
     cfg = _coder_config(path / "cfg.json", cfg_dict, coder_cls)
     weights = path / "sae.safetensors"
@@ -116,4 +119,30 @@ def load_coder(path: Path | str, device: str | torch.device = "cpu") -> SparseCo
         raise CheckpointError(f"{weights} does not match {path / 'cfg.json'}{hint}: {msg}") from None
     if threshold is not None and isinstance(coder, MatryoshkaSparseCoder):
         coder.batch_topk_threshold.fill_(float(threshold))
+    _adopt_sizes(path / "cfg.json", coder, adapted)
     return coder.eval()
+
+
+def _adopt_sizes(cfg_path: Path, coder: SparseCoder, adapted) -> None:
+    """Give an adaptive coder the nested sizes its training ended with (``cfg.json``'s
+    ``adapted_nested_sizes``), so prefix metrics, exports and graphs use them."""
+    adaptive = isinstance(coder, MatryoshkaSparseCoder) and coder.sampler.adaptive
+    if adapted is None:
+        if adaptive:
+            # Written before the sizes were recorded: the levels training ended with are lost.
+            warnings.warn(
+                f"{cfg_path} records no {ADAPTED_SIZES_KEY}; using the configured starting "
+                f"sizes {coder.nested_sizes}, not those training moved to",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    if not adaptive:
+        raise CheckpointError(
+            f"{cfg_path}: {ADAPTED_SIZES_KEY}={adapted!r} is recorded, but the coder is not "
+            "trained with matryoshka=true and prefix_schedule='adaptive'"
+        )
+    try:
+        coder.sampler.adopt_sizes(adapted)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
