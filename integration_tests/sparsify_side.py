@@ -130,7 +130,12 @@ def load_other(name: str, kwargs: dict, other: Path, out: Path) -> None:
     with torch.no_grad():
         result = coder(x, y)
     save_file(
-        {"eval.sae_out": result.sae_out.contiguous(), "eval.fvu": result.fvu},
+        {
+            "eval.sae_out": result.sae_out.contiguous(),
+            "eval.fvu": result.fvu,
+            # eval mode ignores the levels, so the adaptive case's restored sizes need their own check
+            "nested_sizes": torch.tensor(coder.nested_sizes),
+        },
         str(out / f"{name}.loaded.safetensors"),
     )
 

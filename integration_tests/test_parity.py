@@ -108,6 +108,7 @@ def test_coder_checkpoints_match_and_cross_load(sparsify_runs, case):
     recorded = load_file(str(plugin / f"{case}.safetensors"))
     assert torch.equal(loaded["eval.sae_out"], recorded["eval.sae_out"])
     assert torch.equal(loaded["eval.fvu"], recorded["eval.fvu"])
+    assert torch.equal(loaded["nested_sizes"], recorded["nested_sizes"])
 
 
 @pytest.mark.parametrize("case", TRAIN_NAMES)
