@@ -8,8 +8,9 @@ and the "failed to load" line of the feature examples. A graph file holding
 one such call with ``.text(...)`` or with elements built by d3, and drops ``vis_link``s
 that are not http(s) (``javascript:``). One more fix makes the page show the supernodes a
 graph file holds in ``qParams.supernodes`` (upstream always replaced them with the URL's,
-an empty list when the URL has none). ``patches/circuit-tracer/`` offers the same changes
-upstream.
+an empty list when the URL has none), and one gives dagre integer edge weights so the
+subgraph of a real graph's supernodes lays out. ``patches/circuit-tracer/`` offers the same
+changes upstream.
 
 ``apply_fixes`` edits a copy of the frontend (``assets.build_frontend``). It refuses to
 build if a piece of upstream source it replaces is not there exactly once: a changed
@@ -131,6 +132,19 @@ FIXES = (
 """,
         r"""  // null when the URL has none: [] is truthy and would hide the graph file's qParams.supernodes.
   let urlSupernodes = null;
+""",
+    ),
+    # Not a text fix either: dagre's network-simplex ranker fails ("Cannot read properties of
+    # undefined (reading 'v')") on some graphs with fractional edge weights, which upstream
+    # passes as |pct input|. The demo's SmolLM2 graphs with their supernodes hit it, and the
+    # subgraph then never draws. Integer weights (per mille; edges below 3 are skipped anyway)
+    # keep the ranking preference and lay out.
+    SourceFix(
+        "attribution_graph/init-cg-subgraph.js",
+        r"""        g.setEdge(d.source.nodeId, d.target.nodeId, {width: 1, height: 1, labelpos: 'c', weight: Math.abs(d.weight)})
+""",
+        r"""        // Integer weights: dagre's network simplex can fail on fractional ones.
+        g.setEdge(d.source.nodeId, d.target.nodeId, {width: 1, height: 1, labelpos: 'c', weight: Math.round(Math.abs(d.weight) * 1000)})
 """,
     ),
 )
