@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from matryoshka_plugin.core.errors import UsageError
 from matryoshka_plugin.evaluation.absorption import (
     LETTERS,
     PROMPT_TEMPLATE,
@@ -167,3 +168,15 @@ def test_logistic_regression_reaches_the_balanced_l2_optimum(seed, k):
     obj = (s * torch.nn.functional.softplus(-t * (A @ theta))).sum() + 0.5 * (theta[:-1] ** 2).sum()
     (grad,) = torch.autograd.grad(obj, theta)
     assert grad.abs().max() < 1e-4
+
+
+def test_a_letter_without_training_words_is_refused():
+    # Without any "z" word the probe's positive weight for "z" is infinite and every
+    # letter's probe would train to NaN; the refusal names the letter instead.
+    words = [w for w in WORDS if not w.startswith(" z")]
+    try:
+        probe_data(read_acts, words, CFG)
+    except UsageError as e:
+        assert "'z'" in str(e)
+    else:
+        raise AssertionError("probe_data accepted words with no 'z'")

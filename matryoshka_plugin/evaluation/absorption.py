@@ -372,9 +372,15 @@ def probe_data(
     shuffled = rng.sample(words, len(words))
     cut = int(len(shuffled) * cfg.train_fraction)
     train, test = shuffled[:cut], shuffled[cut:]
+    labels = torch.tensor([first_letter(w) for w in train])
+    # A letter without a training word would get an infinite positive weight in the
+    # probe's loss, which turns every probe (all letters share the loss) into NaN.
+    counts = torch.bincount(labels, minlength=len(LETTERS))
+    if (counts == 0).any():
+        letter = LETTERS[int((counts == 0).nonzero()[0])]
+        raise UsageError(f"no training word starts with {letter!r} ({len(train)} training words); give more words")
     x_train = read_acts([icl_prompt(w, train, rng) for w in train])
     x_test = read_acts([icl_prompt(w, test, rng) for w in test])
-    labels = torch.tensor([first_letter(w) for w in train])
     # probing.py's train_linear_probe_for_task: batch 64, weight decay 1e-4.
     W, b = train_multi_probe(x_train, labels, batch_size=64, weight_decay=1e-4, seed=cfg.seed)
     return ProbeData(train, test, x_train, x_test, W, b)
