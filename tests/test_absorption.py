@@ -23,6 +23,7 @@ from matryoshka_plugin.evaluation.absorption import (
     first_letter,
     main_latents,
     probe_data,
+    sample_words,
     word_absorption,
 )
 
@@ -180,3 +181,20 @@ def test_a_letter_without_training_words_is_refused():
         assert "'z'" in str(e)
     else:
         raise AssertionError("probe_data accepted words with no 'z'")
+
+
+def test_sample_words_keeps_every_letter():
+    # A vocabulary with 3 "x" words among 26 * 24 others: a plain draw of 60 would
+    # usually miss "x"; the floor keeps all 3 and at least 2 of every other letter.
+    vocab = [w for w in WORDS if not w.startswith(" x")] + [" xaa", " xab", " xac"]
+    sample = sample_words(vocab, 60, seed=1, min_per_letter=2)
+    assert len(sample) == len(set(sample)) == 60 and set(sample) <= set(vocab)
+    counts = torch.bincount(torch.tensor([first_letter(w) for w in sample]), minlength=26)
+    assert counts.min() >= 2 and counts[LETTERS.index("x")] >= 2
+    assert sample == sample_words(vocab, 60, seed=1, min_per_letter=2)  # seeded
+    try:
+        sample_words(vocab, 40, min_per_letter=2)
+    except UsageError as e:
+        assert "give at least 52" in str(e)
+    else:
+        raise AssertionError("sample_words gave 40 words with 2 of each of 26 letters")

@@ -48,6 +48,7 @@ from matryoshka_plugin.evaluation.absorption import (
     alpha_words,
     probe_data,
     residual_reader,
+    sample_words,
     stop_after,
 )
 from matryoshka_plugin.fit import HOOKPOINT, fit_activations
@@ -150,8 +151,7 @@ def run(a) -> dict:
 
     t = time.time()
     all_words = alpha_words(tokenizer)
-    g = torch.Generator().manual_seed(0)
-    words = [all_words[i] for i in torch.randperm(len(all_words), generator=g)[: a.words].tolist()]
+    words = sample_words(all_words, a.words)
     n_train = int(len(words) * 0.8)
     # As many L1-probe steps an epoch as SAEBench's 4096-row batches on the whole vocabulary.
     steps = -(-int(len(all_words) * 0.8) // 4096)

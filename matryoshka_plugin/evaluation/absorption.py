@@ -26,7 +26,9 @@ Deviations from SAEBench, each forced by running offline on a CPU without sklear
 
 - Words: ``alpha_words`` keeps only words with a leading space (SAEBench also takes
   bare subword pieces such as ``"ing"``), and the caller may subsample them
-  (``max_words``); ICL examples of the absorption prompts still come from all words.
+  (``sample_words``, which keeps at least ``min_per_letter`` words of every letter, so
+  rare letters are over-represented); ICL examples of the absorption prompts still
+  come from all words.
 - Activations come from a callable (``read_acts``), not TransformerLens'
   ``hook_resid_post``; for a Hugging Face model, ``residual_reader`` reads the decoder
   layer's output, which is the same tensor, and checks that the token read is the word.
@@ -98,6 +100,28 @@ def alpha_words(tokenizer) -> list[str]:
         if len(text) > 1 and text[0] == " " and all(c in string.ascii_letters for c in text[1:]):
             words.append(text)
     return words
+
+
+def sample_words(words: Sequence[str], n: int, seed: int = 0, min_per_letter: int = 10) -> list[str]:
+    """``n`` of ``words`` drawn at random (seeded), with at least ``min_per_letter`` of
+    each letter (all of a letter that has fewer).
+
+    A plain random draw from a vocabulary leaves the rarest letters (SmolLM2 has 28
+    words starting with "x" among 31,586) with no training word for the probe.
+    """
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken: list[int] = []
+    per_letter = [0] * len(LETTERS)
+    for i in order:  # the first draws of each letter, up to the floor
+        letter = first_letter(words[i])
+        if per_letter[letter] < min_per_letter:
+            per_letter[letter] += 1
+            taken.append(i)
+    if len(taken) > n:
+        raise UsageError(f"{n} words cannot hold {min_per_letter} of every letter; give at least {len(taken)}")
+    chosen = set(taken)
+    chosen.update([i for i in order if i not in chosen][: n - len(taken)])
+    return [words[i] for i in order if i in chosen]  # in draw order
 
 
 def first_letter(word: str) -> int:
