@@ -24,6 +24,7 @@ from matryoshka_plugin.evaluation.absorption import (
     main_latents,
     probe_data,
     sample_words,
+    sparse_probe_batch_size,
     word_absorption,
 )
 
@@ -198,3 +199,19 @@ def test_sample_words_keeps_every_letter():
         assert "give at least 52" in str(e)
     else:
         raise AssertionError("sample_words gave 40 words with 2 of each of 26 letters")
+
+
+@given(st.integers(50, 5000), st.integers(5000, 200_000))
+@settings(max_examples=50, deadline=None)
+def test_sparse_probe_batch_gives_saebench_steps(n_train, n_vocab):
+    # The smallest batch that takes no more L1-probe steps an epoch on n_train words than
+    # SAEBench's 4096-row batches on 80% of a whole vocabulary.
+    batch = sparse_probe_batch_size(n_train, n_vocab)
+    saebench_steps = -(-int(n_vocab * 0.8) // 4096)
+    assert -(-n_train // batch) <= saebench_steps
+    assert batch == 1 or -(-n_train // (batch - 1)) > saebench_steps
+
+
+def test_sparse_probe_batch_on_smollm2_sample():
+    # run.py's case: 1,600 training words of SmolLM2's 31,586: SAEBench takes 7 steps.
+    assert -(-1600 // sparse_probe_batch_size(1600, 31_586)) == 7

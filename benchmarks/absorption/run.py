@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from matryoshka_plugin.evaluation.absorption import (
     probe_data,
     residual_reader,
     sample_words,
+    sparse_probe_batch_size,
     stop_after,
 )
 from matryoshka_plugin.fit import HOOKPOINT, fit_activations
@@ -152,10 +154,9 @@ def run(a) -> dict:
     t = time.time()
     all_words = alpha_words(tokenizer)
     words = sample_words(all_words, a.words)
-    n_train = int(len(words) * 0.8)
-    # As many L1-probe steps an epoch as SAEBench's 4096-row batches on the whole vocabulary.
-    steps = -(-int(len(all_words) * 0.8) // 4096)
-    cfg = AbsorptionConfig(sparse_probe_batch_size=-(-n_train // steps))
+    cfg = AbsorptionConfig()
+    cfg = replace(cfg, sparse_probe_batch_size=sparse_probe_batch_size(int(len(words) * cfg.train_fraction),
+                                                                        len(all_words), cfg))
     read = memoized(residual_reader(model, tokenizer, a.layer))
     pd_path = work / f"probe_L{a.layer}_{a.words}.pt"
     if pd_path.is_file():

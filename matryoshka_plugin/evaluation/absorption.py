@@ -89,6 +89,13 @@ class AbsorptionConfig:
     seed: int = 42
 
 
+def sparse_probe_batch_size(n_train_words: int, n_vocab_words: int, cfg: AbsorptionConfig = AbsorptionConfig()) -> int:
+    """The L1-probe batch that gives ``n_train_words`` as many Adam steps an epoch as
+    SAEBench's 4096-row batches over a whole vocabulary of ``n_vocab_words``."""
+    steps = -(-int(n_vocab_words * cfg.train_fraction) // 4096)
+    return -(-n_train_words // steps)
+
+
 # -- words and prompts (vocab.py, prompting.py) --------------------------------------
 
 
