@@ -124,7 +124,8 @@ def memoized(read):
 def train_saelens(job_dir: Path, python: Path, x: torch.Tensor, job: dict) -> SaeLensJumpReLU:
     if not (job_dir / "sae" / "cfg.json").is_file():
         job_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"x_train": x.float().contiguous(), "x_ref": x[:256].float().contiguous()},
+        # clone: x is float32 already, so x[:256] would share x's memory, which safetensors refuses.
+        save_file({"x_train": x.float().contiguous(), "x_ref": x[:256].float().clone()},
                   str(job_dir / "data.safetensors"))
         (job_dir / "job.json").write_text(json.dumps(job, indent=1))
         res = subprocess.run([str(python), str(REPO / "benchmarks" / "real_model" / "saelens_transcoder.py"),
