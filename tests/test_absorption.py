@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from matryoshka_plugin.core.errors import UsageError
 from matryoshka_plugin.evaluation.absorption import (
     LETTERS,
     PROMPT_TEMPLATE,
@@ -22,6 +23,8 @@ from matryoshka_plugin.evaluation.absorption import (
     first_letter,
     main_latents,
     probe_data,
+    sample_words,
+    sparse_probe_batch_size,
     word_absorption,
 )
 
@@ -167,3 +170,48 @@ def test_logistic_regression_reaches_the_balanced_l2_optimum(seed, k):
     obj = (s * torch.nn.functional.softplus(-t * (A @ theta))).sum() + 0.5 * (theta[:-1] ** 2).sum()
     (grad,) = torch.autograd.grad(obj, theta)
     assert grad.abs().max() < 1e-4
+
+
+def test_a_letter_without_training_words_is_refused():
+    # Without any "z" word the probe's positive weight for "z" is infinite and every
+    # letter's probe would train to NaN; the refusal names the letter instead.
+    words = [w for w in WORDS if not w.startswith(" z")]
+    try:
+        probe_data(read_acts, words, CFG)
+    except UsageError as e:
+        assert "'z'" in str(e)
+    else:
+        raise AssertionError("probe_data accepted words with no 'z'")
+
+
+def test_sample_words_keeps_every_letter():
+    # A vocabulary with 3 "x" words among 26 * 24 others: a plain draw of 60 would
+    # usually miss "x"; the floor keeps all 3 and at least 2 of every other letter.
+    vocab = [w for w in WORDS if not w.startswith(" x")] + [" xaa", " xab", " xac"]
+    sample = sample_words(vocab, 60, seed=1, min_per_letter=2)
+    assert len(sample) == len(set(sample)) == 60 and set(sample) <= set(vocab)
+    counts = torch.bincount(torch.tensor([first_letter(w) for w in sample]), minlength=26)
+    assert counts.min() >= 2 and counts[LETTERS.index("x")] >= 2
+    assert sample == sample_words(vocab, 60, seed=1, min_per_letter=2)  # seeded
+    try:
+        sample_words(vocab, 40, min_per_letter=2)
+    except UsageError as e:
+        assert "give at least 52" in str(e)
+    else:
+        raise AssertionError("sample_words gave 40 words with 2 of each of 26 letters")
+
+
+@given(st.integers(50, 5000), st.integers(5000, 200_000))
+@settings(max_examples=50, deadline=None)
+def test_sparse_probe_batch_gives_saebench_steps(n_train, n_vocab):
+    # The smallest batch that takes no more L1-probe steps an epoch on n_train words than
+    # SAEBench's 4096-row batches on 80% of a whole vocabulary.
+    batch = sparse_probe_batch_size(n_train, n_vocab)
+    saebench_steps = -(-int(n_vocab * 0.8) // 4096)
+    assert -(-n_train // batch) <= saebench_steps
+    assert batch == 1 or -(-n_train // (batch - 1)) > saebench_steps
+
+
+def test_sparse_probe_batch_on_smollm2_sample():
+    # run.py's case: 1,600 training words of SmolLM2's 31,586: SAEBench takes 7 steps.
+    assert -(-1600 // sparse_probe_batch_size(1600, 31_586)) == 7

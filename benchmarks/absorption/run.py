@@ -24,20 +24,23 @@ a rerun reuses it. From the repository root:
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.common import provenance, pyplot, refuse_bad_counts, save_figure, write_json, write_markdown
+from benchmarks.common import SAELENS_PYTHON, provenance, pyplot, refuse_bad_counts, save_figure, write_json, write_markdown
 from benchmarks.real_model.run import held_out_lm_tokens
 from benchmarks.saelens_jumprelu import SaeLensJumpReLU
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
+from matryoshka_plugin.core.errors import UsageError
 from matryoshka_plugin.adapters.sparsify import load_coder
-from matryoshka_plugin.evaluation import prefix_curve, spliced_lm_metrics
+from matryoshka_plugin.evaluation import latent_stats, prefix_curve, spliced_lm_metrics
 from matryoshka_plugin.evaluation.absorption import (
     AbsorptionConfig,
     ProbeData,
@@ -46,6 +49,8 @@ from matryoshka_plugin.evaluation.absorption import (
     alpha_words,
     probe_data,
     residual_reader,
+    sample_words,
+    sparse_probe_batch_size,
     stop_after,
 )
 from matryoshka_plugin.fit import HOOKPOINT, fit_activations
@@ -119,11 +124,13 @@ def memoized(read):
 def train_saelens(job_dir: Path, python: Path, x: torch.Tensor, job: dict) -> SaeLensJumpReLU:
     if not (job_dir / "sae" / "cfg.json").is_file():
         job_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"x_train": x.float().contiguous(), "x_ref": x[:256].float().contiguous()},
+        # clone: x is float32 already, so x[:256] would share x's memory, which safetensors refuses.
+        save_file({"x_train": x.float().contiguous(), "x_ref": x[:256].float().clone()},
                   str(job_dir / "data.safetensors"))
         (job_dir / "job.json").write_text(json.dumps(job, indent=1))
         res = subprocess.run([str(python), str(REPO / "benchmarks" / "real_model" / "saelens_transcoder.py"),
-                              str(job_dir)], capture_output=True, text=True, env={"PYTHONPATH": str(REPO)})
+                              str(job_dir)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
         if res.returncode != 0:
             raise SystemExit(f"run.py: error: SAELens training failed:\n{res.stderr[-3000:]}")
         (job_dir / "data.safetensors").unlink()
@@ -147,12 +154,10 @@ def run(a) -> dict:
 
     t = time.time()
     all_words = alpha_words(tokenizer)
-    g = torch.Generator().manual_seed(0)
-    words = [all_words[i] for i in torch.randperm(len(all_words), generator=g)[: a.words].tolist()]
-    n_train = int(len(words) * 0.8)
-    # As many L1-probe steps an epoch as SAEBench's 4096-row batches on the whole vocabulary.
-    steps = -(-int(len(all_words) * 0.8) // 4096)
-    cfg = AbsorptionConfig(sparse_probe_batch_size=-(-n_train // steps))
+    words = sample_words(all_words, a.words)
+    cfg = AbsorptionConfig()
+    cfg = replace(cfg, sparse_probe_batch_size=sparse_probe_batch_size(int(len(words) * cfg.train_fraction),
+                                                                        len(all_words), cfg))
     read = memoized(residual_reader(model, tokenizer, a.layer))
     pd_path = work / f"probe_L{a.layer}_{a.words}.pt"
     if pd_path.is_file():
@@ -170,7 +175,17 @@ def run(a) -> dict:
     for seed in range(a.seeds):
         for name, fields in BASELINES.items():
             t = time.time()
-            run_dir = work / f"L{a.layer}_w{a.width}_k{a.k}_s{seed}"
+            # Every training setting in the name, so a rerun with other settings never reuses a coder.
+            run_dir = work / (f"L{a.layer}_w{a.width}_k{a.k}_t{a.tokens}_e{a.epochs}_b{a.batch_size}"
+                              f"_lr{a.lr:g}_wu{a.lr_warmup_steps}_s{seed}")
+            # The eval depends on the probe words and LM sequences too; its record is kept so
+            # that adding seeds later re-evaluates nothing.
+            record_path = run_dir / name / f"eval_words{a.words}_lm{a.lm_seqs}.json"
+            if record_path.is_file():
+                record = json.loads(record_path.read_text())
+                results.setdefault(name, []).append(record)
+                wall.update({f"s{seed}/{name}/{k}": v for k, v in record["wall_s"].items()})
+                continue
             if fields is None:
                 if not saelens_python.is_file():
                     continue
@@ -188,13 +203,13 @@ def run(a) -> dict:
                                             save_dir=run_dir, run_name=name, optimizer="adam", lr=a.lr,
                                             lr_warmup_steps=a.lr_warmup_steps)
                 coder = coder.eval()
-            wall[f"s{seed}/{name}/train"] = time.time() - t
+            train_s = time.time() - t
             t = time.time()
             absorption = absorption_eval(coder, data, read, all_words, cfg)
             fvu = prefix_curve(coder, x_te, None, sorted({nested[0], a.width}), rsa_samples=0)
             lm = spliced_lm_metrics(model, coder, f"layers.{a.layer}", batches, [a.width], first_position=1)
-            wall[f"s{seed}/{name}/eval"] = time.time() - t
-            results.setdefault(name, []).append({
+            stats = latent_stats(coder, x_te, nested)
+            record = {
                 "seed": seed,
                 "mean_absorption_fraction": absorption["mean_absorption_fraction"],
                 "mean_full_absorption": absorption["mean_full_absorption"],
@@ -202,10 +217,17 @@ def run(a) -> dict:
                 "num_scored_letters": absorption["num_scored_letters"],
                 "fvu": {str(r["prefix_len"]): r["fvu"] for r in fvu},
                 "l0": fvu[-1]["l0"],
+                # Dead: never fires on the held-out rows.
+                "dead": stats["dead"], "dense": stats["dense"],
+                "dead_per_level": [lv["dead"] for lv in stats["levels"]],
                 "loss_recovered": lm["prefix"][-1]["loss_recovered"],
                 "ce_clean": lm["ce_clean"], "ce_zero_ablated": lm["ce_zero_ablated"], "ce_spliced": lm["prefix"][-1]["ce"],
                 "letters": [{k: v for k, v in r.items() if k != "words"} for r in absorption["letters"]],
-            })
+                "wall_s": {"train": train_s, "eval": time.time() - t},
+            }
+            write_json(record, record_path)
+            results.setdefault(name, []).append(record)
+            wall.update({f"s{seed}/{name}/{k}": v for k, v in record["wall_s"].items()})
             print(f"seed {seed} {name}: absorption {absorption['mean_absorption_fraction']:.4f} "
                   f"full {absorption['mean_full_absorption']:.4f} FVU {fvu[-1]['fvu']:.4f} "
                   f"LR {lm['prefix'][-1]['loss_recovered']:.4f}", file=sys.stderr, flush=True)
@@ -246,7 +268,7 @@ def write_md(result: dict, path: Path) -> None:
         f"{s['probe_words']} of the tokenizer's {s['vocabulary_words']} single-token words with a leading space "
         f"({s['probe_train_words']} train / {s['probe_test_words']} test).", "",
         "| coder | absorption fraction | full absorption | split latents | FVU | FVU at P=" + str(s["nested_sizes"][0])
-        + " | L0 | loss recovered |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+        + " | L0 | dead latents | loss recovered |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in result["results"].items():
         lines.append(f"| {name} | " + " | ".join([
@@ -256,6 +278,7 @@ def write_md(result: dict, path: Path) -> None:
             mean_sd([r["fvu"][str(s["width"])] for r in runs]),
             mean_sd([r["fvu"][str(s["nested_sizes"][0])] for r in runs]),
             mean_sd([r["l0"] for r in runs]),
+            mean_sd([r["dead"] for r in runs]),
             mean_sd([r["loss_recovered"] for r in runs]),
         ]) + " |")
     lines += ["", "## Wall times (s)", "", "| stage | s |", "|---|---:|"]
@@ -293,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of rows held out for FVU")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--saelens-python", default="/tmp/venv-saelens/bin/python",
+    p.add_argument("--saelens-python", default=str(SAELENS_PYTHON),
                    help="python of an environment with sae-lens 6.54.12 (skipped when missing)")
     p.add_argument("--work", default="/work/runs/absorb-cache", help="cache and checkpoint directory")
     p.add_argument("--out", default=str(HERE), help="where results.json/.md and the plot go")
@@ -301,7 +324,11 @@ def main(argv=None) -> int:
     if (code := refuse_bad_counts(a, ("width", "k", "tokens", "epochs", "batch_size", "seeds", "words", "lm_seqs", "threads"))) is not None:
         return code
     started = time.time()
-    result = run(a)
+    try:
+        result = run(a)
+    except UsageError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
     result["wall_s"]["total"] = time.time() - started
     out = Path(a.out)
     write_json(result, out / "results.json")

@@ -26,7 +26,9 @@ Deviations from SAEBench, each forced by running offline on a CPU without sklear
 
 - Words: ``alpha_words`` keeps only words with a leading space (SAEBench also takes
   bare subword pieces such as ``"ing"``), and the caller may subsample them
-  (``max_words``); ICL examples of the absorption prompts still come from all words.
+  (``sample_words``, which keeps at least ``min_per_letter`` words of every letter, so
+  rare letters are over-represented); ICL examples of the absorption prompts still
+  come from all words.
 - Activations come from a callable (``read_acts``), not TransformerLens'
   ``hook_resid_post``; for a Hugging Face model, ``residual_reader`` reads the decoder
   layer's output, which is the same tensor, and checks that the token read is the word.
@@ -87,6 +89,13 @@ class AbsorptionConfig:
     seed: int = 42
 
 
+def sparse_probe_batch_size(n_train_words: int, n_vocab_words: int, cfg: AbsorptionConfig = AbsorptionConfig()) -> int:
+    """The L1-probe batch that gives ``n_train_words`` as many Adam steps an epoch as
+    SAEBench's 4096-row batches over a whole vocabulary of ``n_vocab_words``."""
+    steps = -(-int(n_vocab_words * cfg.train_fraction) // 4096)
+    return -(-n_train_words // steps)
+
+
 # -- words and prompts (vocab.py, prompting.py) --------------------------------------
 
 
@@ -98,6 +107,28 @@ def alpha_words(tokenizer) -> list[str]:
         if len(text) > 1 and text[0] == " " and all(c in string.ascii_letters for c in text[1:]):
             words.append(text)
     return words
+
+
+def sample_words(words: Sequence[str], n: int, seed: int = 0, min_per_letter: int = 10) -> list[str]:
+    """``n`` of ``words`` drawn at random (seeded), with at least ``min_per_letter`` of
+    each letter (all of a letter that has fewer).
+
+    A plain random draw from a vocabulary leaves the rarest letters (SmolLM2 has 28
+    words starting with "x" among 31,586) with no training word for the probe.
+    """
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken: list[int] = []
+    per_letter = [0] * len(LETTERS)
+    for i in order:  # the first draws of each letter, up to the floor
+        letter = first_letter(words[i])
+        if per_letter[letter] < min_per_letter:
+            per_letter[letter] += 1
+            taken.append(i)
+    if len(taken) > n:
+        raise UsageError(f"{n} words cannot hold {min_per_letter} of every letter; give at least {len(taken)}")
+    chosen = set(taken)
+    chosen.update([i for i in order if i not in chosen][: n - len(taken)])
+    return [words[i] for i in order if i in chosen]  # in draw order
 
 
 def first_letter(word: str) -> int:
@@ -372,9 +403,15 @@ def probe_data(
     shuffled = rng.sample(words, len(words))
     cut = int(len(shuffled) * cfg.train_fraction)
     train, test = shuffled[:cut], shuffled[cut:]
+    labels = torch.tensor([first_letter(w) for w in train])
+    # A letter without a training word would get an infinite positive weight in the
+    # probe's loss, which turns every probe (all letters share the loss) into NaN.
+    counts = torch.bincount(labels, minlength=len(LETTERS))
+    if (counts == 0).any():
+        letter = LETTERS[int((counts == 0).nonzero()[0])]
+        raise UsageError(f"no training word starts with {letter!r} ({len(train)} training words); give more words")
     x_train = read_acts([icl_prompt(w, train, rng) for w in train])
     x_test = read_acts([icl_prompt(w, test, rng) for w in test])
-    labels = torch.tensor([first_letter(w) for w in train])
     # probing.py's train_linear_probe_for_task: batch 64, weight decay 1e-4.
     W, b = train_multi_probe(x_train, labels, batch_size=64, weight_decay=1e-4, seed=cfg.seed)
     return ProbeData(train, test, x_train, x_test, W, b)
