@@ -29,10 +29,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
-from benchmarks.common import provenance, scratch_dir, write_json
-from benchmarks.viewer.run import FLAGS, HERE, save_png
+from benchmarks.common import provenance, scratch_dir
+from benchmarks.viewer.run import HERE, finish, open_page, save_png
 
 # Mansfield Park's first sentence: a novel the demo held out of training.
 ON_DEMAND_PROMPT = "About thirty years ago Miss Maria Ward, of Huntingdon, with only seven thousand pounds"
@@ -75,15 +74,10 @@ def main() -> int:
     timeout_ms = args.timeout_s * 1000
 
     server = serve_graphs(work, port=0, computer=computer)
-    shots, errors, off, record = [], [], [], {}
+    shots, record = [], {}
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: urlparse(r.url).scheme in ("http", "https", "ws", "wss")
-                    and urlparse(r.url).hostname not in ("localhost", "127.0.0.1") and off.append(r.url))
+            browser, page, errors, off = open_page(pw, {"width": 1400, "height": 1000})
 
             def rendered(slug, n):
                 page.wait_for_function("([s, n]) => matryoshkaViewer.lastRendered === s && matryoshkaViewer.renders > n",
@@ -161,13 +155,8 @@ def main() -> int:
         "demo": str(demo),
         "model_load_s": round(load_s, 1),
         **record,
-        "screenshots": shots,
-        "console_errors": errors,
-        "off_localhost_requests": off,
     }
-    write_json(record, HERE / "hierarchy_screenshots.json")
-    print(json.dumps(record, indent=2))
-    return 0 if not errors and not off else 1
+    return finish(record, "hierarchy_screenshots.json", shots, errors, off)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from benchmarks.common import provenance, scratch_dir, write_json
 
@@ -33,6 +34,27 @@ def save_png(page, path: Path) -> None:
     page.screenshot(path=str(tmp))
     Image.open(tmp).convert("RGB").quantize(colors=64).save(path, optimize=True)
     tmp.unlink()
+
+
+def open_page(pw, viewport: dict):
+    """Debian chromium on a new page, with the lists its console errors and its requests
+    off localhost (any URL whose host is not localhost or 127.0.0.1) are collected in."""
+    browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS, headless=True)
+    page = browser.new_page(viewport=viewport)
+    errors, off = [], []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: urlparse(r.url).hostname not in ("localhost", "127.0.0.1") and off.append(r.url))
+    return browser, page, errors, off
+
+
+def finish(record: dict, name: str, shots: list, errors: list, off: list) -> int:
+    """Write and print the run's record; exit status 1 if the page logged an error or
+    asked for anything off localhost."""
+    record = {**record, "screenshots": shots, "console_errors": errors, "off_localhost_requests": off}
+    write_json(record, HERE / name)
+    print(json.dumps(record, indent=2))
+    return 0 if not errors and not off else 1
 
 
 def main() -> int:
@@ -77,15 +99,10 @@ def main() -> int:
         print(f"the P={smallest['prefix_len']} graph has no feature node with refining latents: no decomposition screenshot")
 
     server = serve_graphs(work, port=0)
-    shots, counts, errors = [], {}, []
+    shots, counts = [], {}
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1300, "height": 900})
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            off = []
-            page.on("request", lambda r: "localhost" not in r.url and off.append(r.url))
+            browser, page, errors, off = open_page(pw, {"width": 1300, "height": 900})
 
             def rendered(slug, n):
                 page.wait_for_function("([s, n]) => matryoshkaViewer.lastRendered === s && matryoshkaViewer.renders > n", arg=[slug, n], timeout=120_000)
@@ -134,13 +151,8 @@ def main() -> int:
         "focus_node": focus["node_id"],
         "viewer_data_build_seconds": round(build_s, 1),
         "corpus_tokens": decomp["corpus_tokens"],
-        "screenshots": shots,
-        "console_errors": errors,
-        "off_localhost_requests": off,
     }
-    write_json(record, HERE / "screenshots.json")
-    print(json.dumps(record, indent=2))
-    return 0 if not errors and not off else 1
+    return finish(record, "screenshots.json", shots, errors, off)
 
 
 if __name__ == "__main__":
