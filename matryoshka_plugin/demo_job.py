@@ -68,9 +68,8 @@ PROMPT = (
 RECIPES = {
     "demo": dict(layers=[0, 1, 2], num_latents=2048, k=32, ctx_len=64, batch_size=16,
                  steps=80, eval_tokens=8192, save_every=None),
-    # About two hours of 2-core CPU for both dictionaries on all 30 SmolLM2 layers: a step
-    # over all 30 layers took about 20 CPU-seconds (2026-12-01, shared 2-core machine);
-    # an estimate from that, not a run end to end.
+    # Both dictionaries on all 30 SmolLM2 layers. Sized from an estimate of two hours of
+    # 2-core CPU; measured end to end it took 40 min 25 s wall (2026-12-02, README).
     "full": dict(layers=None, num_latents=2048, k=32, ctx_len=64, batch_size=16,
                  steps=250, eval_tokens=8192, save_every=25),
 }
