@@ -175,6 +175,23 @@ def test_grouping_in_the_page_keeps_links_between_groups(graph_dir, browser_page
     assert json.loads((graph_dir / "france-p32.json").read_text()) == graph
 
 
+def test_grouping_pins_the_collapsed_nodes_of_the_file_pins(graph_dir, browser_page):
+    """The plugin pins every node with a parent in the file; grouped, those ids are gone,
+    so their collapsed nodes are pinned instead (else the subgraph is empty)."""
+    page, server, events, _ = browser_page
+    page.goto(f"{server.url}?slug=france-p32")
+    _wait_rendered(page, "france-p32", 0)
+    graph, hier = _load(graph_dir, 32)
+    ids, mapping, _, _ = view(graph, hier, True)
+    children = sorted(hier["parents"])
+    plain = next(n["node_id"] for n in graph["nodes"] if n["node_id"] not in mapping and n["feature_type"] == FEATURE)
+    for pins in ([*children, plain], ",".join([*children, plain])):  # a list, or circuit-tracer's string
+        got = page.evaluate("([g, h]) => matryoshkaViewer.groupGraph(g, h).data.qParams.pinnedIds",
+                            [{**graph, "qParams": {**graph["qParams"], "pinnedIds": pins}}, hier])
+        want = list(dict.fromkeys([mapping[c] for c in children] + [plain]))
+        assert got == want and set(got) <= ids
+
+
 def test_group_by_parent_survives_the_prefix_selector(graph_dir, browser_page):
     page, server, events, shots = browser_page
     g = {p: _load(graph_dir, p) for p in PREFIXES}

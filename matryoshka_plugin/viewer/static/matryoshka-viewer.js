@@ -130,6 +130,10 @@
     })
     var qParams = {...(raw.qParams || {})}
     delete qParams.supernodes  // their members are collapsed
+    // The file's pins (the plugin pins every node with a parent) would name nodes this view
+    // no longer has, and the subgraph would be empty: pin their collapsed nodes instead.
+    var filePins = qParams.pinnedIds?.split ? qParams.pinnedIds.split(',') : (qParams.pinnedIds || [])
+    qParams.pinnedIds = [...new Set(filePins.filter(id => id).map(id => map[id] || id))]
     return {data: {...raw, metadata: {...raw.metadata}, qParams, nodes, links: [...links.values()]}, map, members}
   }
   MV.groupGraph = groupGraph
