@@ -7,12 +7,14 @@ serves them with a graph computer over the demo's own SmolLM2 transcoders
 (``DIR/transcoders``), the same as ``circuit-tracer-matryoshka start-server``. Debian
 chromium, driven by Playwright, then
 
-1. turns on "Group by parent" at the middle prefix length (fine nodes collapsed into
-   their coarse parents);
+1. checks that the pinned subgraph, the file's supernodes, is laid out, then turns on
+   "Group by parent" at the middle prefix length (fine nodes collapsed into their coarse
+   parents);
 2. opens the compare view of the two smallest prefix lengths (which coarse node split
    into which fine nodes, and how much of the influence went to error nodes);
 3. types a new Austen prompt into the prompt box, after a bad one that must be refused
-   in the page, and waits for its graphs at two prefix lengths to be computed.
+   in the page (its 400, which chromium logs, is recorded as ``refused_prompt``, not
+   as a console error), and waits for its graphs at two prefix lengths to be computed.
 
 Screenshots (palette-quantised PNGs) go to ``benchmarks/viewer/``, the record of what
 was checked to ``hierarchy_screenshots.json``. From the repository root:
@@ -77,7 +79,8 @@ def main() -> int:
     shots, record = [], {}
     try:
         with sync_playwright() as pw:
-            browser, page, errors, off = open_page(pw, {"width": 1400, "height": 1000})
+            # Tall enough that the pinned subgraph under the graph is in the shots.
+            browser, page, errors, off = open_page(pw, {"width": 1400, "height": 1600})
 
             def rendered(slug, n):
                 page.wait_for_function("([s, n]) => matryoshkaViewer.lastRendered === s && matryoshkaViewer.renders > n",
@@ -97,6 +100,15 @@ def main() -> int:
             rendered(mid["slug"], 0)
             record["first_render_s"] = round(time.time() - t, 1)
             nodes_before = page.evaluate("document.querySelectorAll('.link-graph text.node').length")
+            # The pinned subgraph with the file's supernodes: circuit-tracer's own layout
+            # threw on these graphs (dagre and fractional weights; viewer.text_only).
+            page.wait_for_selector(".subgraph .supernode-container", timeout=timeout_ms)
+            subgraph = """() => ({
+                drawn: window.selForceNodes.length,
+                supernodes: window.selForceNodes.filter(d => d.node.isSuperNode).length,
+                laid_out_by_dagre: window.selForceNodes.filter(d => d.dagrePositioned === true).length})"""
+            record["subgraph"] = page.evaluate(subgraph)
+            assert record["subgraph"]["laid_out_by_dagre"] == record["subgraph"]["drawn"] > 0, record["subgraph"]
             n = page.evaluate("matryoshkaViewer.renders")
             page.locator(".mv-group-box").set_checked(True)
             rendered(mid["slug"], n)
@@ -105,7 +117,10 @@ def main() -> int:
                 "children_in_sidecar": len(hier["parents"]),
                 "rendered_nodes": [nodes_before, page.evaluate("document.querySelectorAll('.link-graph text.node').length")],
                 "group_info": page.inner_text(".mv-group-info"),
+                # The file pins the nodes with a parent; grouped, their collapsed nodes.
+                "subgraph": page.evaluate(subgraph),
             }
+            assert record["grouped"]["subgraph"]["drawn"] > 0, "grouping emptied the pinned subgraph"
             shot(f"smollm2-grouped-p{mid['prefix_len']}.png")
 
             # 2. The compare view of the two smallest prefix lengths, ungrouped.
@@ -126,10 +141,18 @@ def main() -> int:
             page.goto(f"{server.url}?slug={mid['slug']}")
             rendered(mid["slug"], 0)
             before = sorted(f.name for f in work.iterdir())
+            n_errors = len(errors)
             page.fill(".mv-prompt", "")
             page.click(".mv-compute-go")
             page.wait_for_function("() => document.querySelector('.mv-compute-msg').textContent.includes('the prompt is empty')")
             assert sorted(f.name for f in work.iterdir()) == before, "a refused prompt wrote files"
+            # Chromium logs the refusal's 400 as a console error: that one is expected,
+            # and is recorded apart so that any other error still fails the run.
+            refusal = [e for e in errors[n_errors:] if "status of 400 (Bad Request)" in e]
+            assert len(refusal) == 1, f"expected one 400 for the empty prompt, got {errors[n_errors:]}"
+            errors.remove(refusal[0])
+            record["refused_prompt"] = {"prompt": "", "message": page.inner_text(".mv-compute-msg"),
+                                        "console": refusal[0]}
             page.fill(".mv-prompt", ON_DEMAND_PROMPT)
             page.fill(".mv-prompt-prefixes", " ".join(map(str, on_demand_p)))
             t = time.time()
