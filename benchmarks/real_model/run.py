@@ -10,6 +10,10 @@ width, k, batch size, epochs, Adam, learning rate and schedule:
   training rows (seed 003, section 4); no training;
 - ``matryoshka_fixed``: the plugin, Bussmann's fixed groups (1/16,1/16,1/8,1/4,1/2);
 - ``matryoshka_pareto``: the plugin, truncated-Pareto sampled prefixes (Nabeshima's idea, not his distribution: benchmarks/authors);
+- ``matryoshka_adaptive``: the plugin, ``prefix_schedule='adaptive'`` from the fixed
+  groups, sizes moved every ``ADAPT_EVERY`` steps (#19 item 1; not in the default set);
+- ``matryoshka_permute``: fixed groups with ``permute_every=ADAPT_EVERY`` (#19 item 4; not
+  in the default set);
 - ``saelens_matryoshka``: SAELens 6.x ``MatryoshkaBatchTopKTrainingSAE`` trained as a
   transcoder by SAELens' own ``SAETrainer`` in the SAELens environment
   (``saelens_transcoder.py``), evaluated with SAELens' inference semantics (the
@@ -24,6 +28,13 @@ under ``results/`` next to this file); CACHE is an all-layer activation cache:
 
     .venv/bin/matryoshka-clt cache --layers 0-29 --out CACHE --n-tokens 80000 --dtype float16
     .venv/bin/python -m benchmarks.real_model.run --cache CACHE
+
+``--baselines`` picks a subset (``saelens_matryoshka`` needs ``.venv-saelens``), e.g. the
+adaptive schedule and permutation against fixed groups and Pareto (#19):
+
+    .venv/bin/python -m benchmarks.real_model.run --cache CACHE --layers 6 \
+        --baselines topk,matryoshka_fixed,matryoshka_pareto,matryoshka_adaptive,matryoshka_permute \
+        --out benchmarks/real_model/results_adaptive
 """
 
 import argparse
@@ -64,6 +75,10 @@ from matryoshka_plugin.fit import HOOKPOINT, fit_activations
 
 HERE = Path(__file__).resolve().parent
 
+# Steps between the adaptive schedule's moves and between permutations: about a tenth
+# of the default run (280 steps), as 64 of 1,024 on the toy (benchmarks/quality/adaptive).
+ADAPT_EVERY = 25
+
 # name -> plugin Matryoshka fields; None: not trained by the plugin here.
 BASELINES: dict[str, dict | None] = {
     "topk": {"matryoshka": False},
@@ -71,13 +86,18 @@ BASELINES: dict[str, dict | None] = {
     "matryoshka_fixed": {"matryoshka": True, "prefix_schedule": "fixed"},
     "matryoshka_pareto": {"matryoshka": True, "prefix_schedule": "pareto"},
     "saelens_matryoshka": None,
+    "matryoshka_adaptive": {"matryoshka": True, "prefix_schedule": "adaptive", "adaptive_every": ADAPT_EVERY},
+    "matryoshka_permute": {"matryoshka": True, "prefix_schedule": "fixed", "permute_every": ADAPT_EVERY},
 }
+DEFAULT_BASELINES = ("topk", "topk_reordered", "matryoshka_fixed", "matryoshka_pareto", "saelens_matryoshka")
 LABELS = {
     "topk": "TopK (sparsify)",
     "topk_reordered": "TopK reordered by mean sq. act.",
     "matryoshka_fixed": "Matryoshka fixed groups (plugin)",
     "matryoshka_pareto": "Matryoshka truncated Pareto (plugin)",
     "saelens_matryoshka": "SAELens Matryoshka BatchTopK",
+    "matryoshka_adaptive": "Matryoshka adaptive schedule (plugin)",
+    "matryoshka_permute": "Matryoshka fixed + permute_every (plugin)",
 }
 
 
@@ -173,7 +193,7 @@ def plot_lm(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def write_report(result: dict, path: Path) -> None:
     s = result["settings"]
     lines = [
         "# Real model: baselines per prefix (SmolLM2-135M, Austen)",
@@ -189,10 +209,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "zero ablation as the loss-recovered reference.",
         "",
     ]
-    names = list(BASELINES)
+    names = s["baselines"]
     for layer in s["layers"]:
         fvu = result["fvu"][str(layer)]
-        lens = [r["prefix_len"] for r in fvu["topk"]]
+        lens = [r["prefix_len"] for r in fvu[names[0]]]
         lines += [f"## Layer {layer}: held-out FVU per prefix", "",
                   "| P | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         for i, p in enumerate(lens):
@@ -224,8 +244,10 @@ def run(a) -> dict:
     nested = MatryoshkaSparseCoderConfig(matryoshka=True).resolve_nested_sizes(a.width, a.k)
     fvu_lens = sorted({*nested, *(2**i for i in range(3, a.width.bit_length()) if 2**i < a.width), a.k})
     lm_lens = sorted(set(a.lm_prefix_lens or nested))
-    trained = [n for n in ("topk", "matryoshka_fixed", "matryoshka_pareto")]
-    n_stages = len(layers) * (len(trained) + 3) + (len(layers) * len(BASELINES) + 1 if a.lm_seqs else 0)
+    names = a.baselines
+    # topk_reordered is made from topk.
+    trained = [n for n in BASELINES if BASELINES[n] is not None and (n in names or n == "topk" and "topk_reordered" in names)]
+    n_stages = len(layers) * (len(trained) + 3) + (len(layers) * len(names) + 1 if a.lm_seqs else 0)
     bar = tqdm(total=n_stages, desc="real-model benchmark", file=sys.stderr)
     wall: dict[str, float] = {}
     train_info: dict = {}
@@ -253,30 +275,36 @@ def run(a) -> dict:
                 coder = fit_activations(x_tr, cfg, targets=y_tr, batch_size=a.batch_size, epochs=a.epochs,
                                         seed=a.seed, save_dir=work / f"layer{layer}", run_name=name, **common)
             coders[layer][name] = coder.eval()
+            if BASELINES[name]["matryoshka"]:  # the adaptive schedule's sizes are where training left them
+                train_info[f"layer{layer}/{name}"] = {"nested_sizes": list(coder.nested_sizes)}
             wall[f"layer{layer}/{name}"] = time.time() - t
             bar.update()
         t = stage(f"L{layer} reorder")
-        coders[layer]["topk_reordered"], _ = reorder_by_mean_squared_activation(coders[layer]["topk"], x_tr)
-        wall[f"layer{layer}/topk_reordered"] = time.time() - t
+        if "topk_reordered" in names:
+            coders[layer]["topk_reordered"], _ = reorder_by_mean_squared_activation(coders[layer]["topk"], x_tr)
+            wall[f"layer{layer}/topk_reordered"] = time.time() - t
         bar.update()
 
         t = stage(f"L{layer} saelens")
-        job = dict(seed=a.seed, width=a.width, k=a.k, nested_sizes=nested, batch_size=a.batch_size,
-                   epochs=a.epochs, lr=a.lr, lr_warmup_steps=a.lr_warmup_steps,
-                   reference_prefix=nested[1], threads=a.threads)
-        job_dir = work / f"layer{layer}" / "saelens_matryoshka"
-        x_ref = x_te[: a.reference_rows]
-        train_info[f"layer{layer}/saelens_matryoshka"] = train_saelens(job_dir, x_tr, y_tr, x_ref, job, a.skip_train)
-        sl = SaeLensJumpReLU.load(job_dir / "sae", transcode=True)
-        ref = load_file(str(job_dir / "reference.safetensors"))
-        adapter_checks[str(layer)] = check_adapter(sl, x_ref, ref, job["reference_prefix"])
-        coders[layer]["saelens_matryoshka"] = sl
-        wall[f"layer{layer}/saelens_matryoshka"] = time.time() - t
-        bar.update()
+        if "saelens_matryoshka" not in names:
+            bar.update()
+        else:
+            job = dict(seed=a.seed, width=a.width, k=a.k, nested_sizes=nested, batch_size=a.batch_size,
+                       epochs=a.epochs, lr=a.lr, lr_warmup_steps=a.lr_warmup_steps,
+                       reference_prefix=nested[1], threads=a.threads)
+            job_dir = work / f"layer{layer}" / "saelens_matryoshka"
+            x_ref = x_te[: a.reference_rows]
+            train_info[f"layer{layer}/saelens_matryoshka"] = train_saelens(job_dir, x_tr, y_tr, x_ref, job, a.skip_train)
+            sl = SaeLensJumpReLU.load(job_dir / "sae", transcode=True)
+            ref = load_file(str(job_dir / "reference.safetensors"))
+            adapter_checks[str(layer)] = check_adapter(sl, x_ref, ref, job["reference_prefix"])
+            coders[layer]["saelens_matryoshka"] = sl
+            wall[f"layer{layer}/saelens_matryoshka"] = time.time() - t
+            bar.update()
 
         t = stage(f"L{layer} FVU")
         fvu[str(layer)] = {n: prefix_curve(coders[layer][n], x_te, y_te, fvu_lens, rsa_samples=0)
-                           for n in BASELINES}
+                           for n in names}
         wall[f"layer{layer}/fvu_eval"] = time.time() - t
         bar.update()
         del x, y
@@ -298,7 +326,7 @@ def run(a) -> dict:
         first_position = 0 if a.splice_position_0 else 1
         for layer in layers:
             lm[str(layer)] = {}
-            for name in BASELINES:
+            for name in names:
                 t = stage(f"L{layer} LM {name}")
                 lm[str(layer)][name] = spliced_lm_metrics(
                     model, coders[layer][name], f"layers.{layer}.mlp", batches, lm_lens,
@@ -314,6 +342,7 @@ def run(a) -> dict:
             "cache": str(Path(a.cache).resolve()),
             "cache_manifest": {k: cache.manifest[k] for k in ("n_tokens", "dtype", "skip_first_token")},
             "layers": layers,
+            "baselines": names,
             "width": a.width,
             "k": a.k,
             "nested_sizes": nested,
@@ -337,7 +366,7 @@ def run(a) -> dict:
             "threads": a.threads,
         },
         "wall_s": wall,
-        "saelens_train": train_info,
+        "train": train_info,
         "saelens_adapter_check": adapter_checks,
         "fvu": fvu,
         "lm": lm,
@@ -348,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FVU and loss recovered per prefix for every baseline on SmolLM2-135M.")
     p.add_argument("--cache", required=True, help="activation cache from `matryoshka-clt cache`")
     p.add_argument("--layers", default="6,18", help="MLP layers to train transcoders on")
+    p.add_argument("--baselines", type=lambda v: [t for t in v.split(",") if t], default=list(DEFAULT_BASELINES),
+                   help=f"comma-separated, of {','.join(BASELINES)} (default: {','.join(DEFAULT_BASELINES)})")
     p.add_argument("--width", type=int, default=1152)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1024, help="rows per training step")
@@ -374,6 +405,10 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if (code := refuse_bad_counts(a, ("width", "k", "batch_size", "epochs", "lm_batch_size", "threads"))) is not None:
         return code
+    if not a.baselines or (bad := [n for n in a.baselines if n not in BASELINES]):
+        print(f"run.py: error: --baselines={','.join(a.baselines)} names {bad if a.baselines else 'none'}; "
+              f"allowed: {','.join(BASELINES)}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -384,7 +419,7 @@ def main(argv=None) -> int:
         return 2
     result["wall_s"]["total"] = time.time() - started
     write_json(result, out / "results.json")
-    write_markdown(result, out / "results.md")
+    write_report(result, out / "results.md")
     plot_fvu(result, out / "fvu_vs_prefix.png")
     if result["lm"]:
         plot_lm(result, out / "loss_recovered_vs_prefix.png")
