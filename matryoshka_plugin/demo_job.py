@@ -43,6 +43,7 @@ from .adapters.sparsify import (
 from .atomic import atomic_write, atomic_write_text
 from .core.errors import UsageError
 from .core.prefixes import default_prefix_ladder
+from .device import resolve_device
 from .corpus import AUSTEN_NOVELS, austen_dataset, austen_texts, split_text
 from .hooks import capture_mlps, format_layers
 from .offline import load_pretrained, load_tokenizer
@@ -265,6 +266,7 @@ def _check_options(o: dict) -> None:
         raise UsageError(f"--layers={layers} must be distinct non-negative layer indices")
     if not o["prompt"].strip():
         raise UsageError("--prompt is empty; give the text to attribute")
+    o["device"] = str(resolve_device(o["device"]))
 
 
 #: Options that do not change what the job computes, so a resumed run may change them.

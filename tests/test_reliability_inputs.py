@@ -180,6 +180,16 @@ CASES = [
     ("matryoshka-demo", ["--model", "missing_model_dir/"], "missing_model_dir"),
     ("matryoshka-demo", ["--optimizer", "sgd"], "sgd"),
     ("matryoshka-demo", ["--out", "file.txt/out", "--steps", "1"], "file.txt"),
+    # --device: a name torch does not know, and CUDA on a machine without it (this one in CI)
+    ("matryoshka-demo", ["--device", "tpu9"], "'tpu9'"),
+    ("matryoshka-eval", ["run/layers.0.mlp", "--data", "acts.safetensors", "--device", "tpu9"], "'tpu9'"),
+    ("matryoshka-clt", ["cache", "--out", "c", "--dataset", "random", "--device", "tpu9"], "'tpu9'"),
+    *(
+        [("matryoshka-demo", ["--device", "cuda"], "CUDA is not available"),
+         ("matryoshka-eval", ["run/layers.0.mlp", "--data", "acts.safetensors", "--device", "cuda:0"], "CUDA is not available"),
+         ("matryoshka-clt", ["cache", "--out", "c", "--dataset", "random", "--device", "cuda"], "CUDA is not available")]
+        if not torch.cuda.is_available() else []
+    ),
 ]
 
 

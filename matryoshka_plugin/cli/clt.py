@@ -16,6 +16,7 @@ from ..clt.cache import ActivationCache, cache_activations, token_source
 from ..clt.model import load_clt, read_clt_config
 from ..clt.train import METRICS_FILE, CLTTrainConfig, eval_prefix_lens, train_clt
 from ..core.errors import CLTError
+from ..device import resolve_device
 from ..hooks import parse_layers
 from .runner import run
 
@@ -26,7 +27,7 @@ def cmd_cache(a) -> None:
     from ..offline import SMOLLM2, load_pretrained
 
     spec = a.model or SMOLLM2
-    model = load_pretrained(spec, device=a.device)
+    model = load_pretrained(spec, device=resolve_device(a.device))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
     batches = token_source(spec, a.dataset, a.ctx_len, a.batch_size, a.seed, model.config.vocab_size)
     out = cache_activations(

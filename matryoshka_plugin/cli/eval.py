@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import UsageError
+from ..device import resolve_device
 from ..offline import SMOLLM2
 from ..evaluation.checkpoint import evaluate_checkpoint, resolve_coder_dir
 from ..evaluation.explainers import DEFAULT_API_KEY_ENV, ChatJudge, LocalJudge
@@ -107,6 +108,7 @@ def _check_flags(args: argparse.Namespace, plot_path: Path) -> None:
         raise UsageError(f"--autointerp-corpus {args.autointerp_corpus} holds no .txt files")
     if args.rsa_samples < 0:
         raise UsageError(f"--rsa-samples {args.rsa_samples} must be >= 0")
+    args.device = str(resolve_device(args.device))
     if not 0 <= args.dense_threshold <= 1:
         raise UsageError(f"--dense-threshold {args.dense_threshold} must be in [0, 1]")
     if args.splice_from_position < 0:

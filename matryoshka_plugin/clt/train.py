@@ -30,6 +30,7 @@ from .. import distributed
 from ..atomic import check_writable_dir
 from ..core.config import SAMPLED_SCHEDULES
 from ..core.errors import CLTError
+from ..device import resolve_device
 from ..core.plain_state import load_plain_state
 from .cache import ActivationCache
 from .model import CLTConfig, MatryoshkaCLT, load_clt, save_clt
@@ -193,7 +194,7 @@ def train_clt(cfg: CLTTrainConfig, *, show_progress: bool = True) -> MatryoshkaC
     Returns the trained CLT in eval mode. Under ``torchrun``, one rank of a
     data-parallel run (see the module docstring).
     """
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     local_rank = distributed.join_process_group(device, cfg.dist_timeout)
     if local_rank is not None and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)

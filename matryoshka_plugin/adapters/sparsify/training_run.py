@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ... import distributed
 from ...atomic import check_writable_dir, recover_dir, run_lock
 from ...core.errors import UsageError
+from ...device import resolve_device
 from ...offline import resolve_model
 from .coder import MatryoshkaSparseCoder
 from .run_config import MatryoshkaRunConfig, check_memmap_file, chunk_and_tokenize_checked
@@ -56,19 +57,6 @@ from .trainer import MatryoshkaTrainer
 
 PREPARATION_TIMEOUT = timedelta(weeks=1)
 """How long the other ranks wait for rank 0 to prepare the data (upstream's timeout)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``--device`` names: ``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use cpu or auto")
-    return device
 
 
 def load_language_model(args: MatryoshkaRunConfig, device: torch.device):
