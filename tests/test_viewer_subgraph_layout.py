@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import PROMPT, build_exported_transcoders
+from tiny import build_prompt_graphs
 
 try:
     from .test_viewer_browser import CHROMIUM, CHROMIUM_FLAGS
@@ -54,15 +54,10 @@ def _pin_failing_subgraph(graph: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
-    from matryoshka_plugin.cli.circuit_tracer import main
-
-    root = tmp_path_factory.mktemp("subgraph-layout")
-    llama, tc = build_exported_transcoders(root)
-    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
-          "--prefix-len", "16", "32", "--slug", "france", "--graph_file_dir", str(root / "graphs")])
-    path = root / "graphs" / "france-p32.json"
+    graphs = build_prompt_graphs(tmp_path_factory.mktemp("subgraph-layout"), [16, 32])[2]
+    path = graphs / "france-p32.json"
     path.write_text(json.dumps(_pin_failing_subgraph(json.loads(path.read_text()))))
-    return root / "graphs"
+    return graphs
 
 
 @pytest.fixture(scope="module")

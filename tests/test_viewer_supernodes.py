@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tiny import PROMPT, build_exported_transcoders
+from tiny import build_prompt_graphs
 
 # browser_page: the same chromium page, served from this module's graph_dir.
 try:
@@ -27,13 +27,7 @@ except ImportError:
 
 @pytest.fixture(scope="module")
 def graph_dir(tmp_path_factory):
-    from matryoshka_plugin.cli.circuit_tracer import main
-
-    root = tmp_path_factory.mktemp("supernodes")
-    llama, tc = build_exported_transcoders(root)
-    main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
-          "--prefix-len", "16", "32", "--slug", "france", "--graph_file_dir", str(root / "graphs")])
-    return root / "graphs"
+    return build_prompt_graphs(tmp_path_factory.mktemp("supernodes"), [16, 32], supernodes=True)[2]
 
 
 def test_graph_file_supernodes_show_without_url_parameters(graph_dir, browser_page):

@@ -190,12 +190,12 @@ def build_exported_transcoders(root: Path) -> tuple[Path, Path]:
     return llama, root / "tc"
 
 
-def build_prompt_graphs(root: Path, prefix_lens) -> tuple[Path, Path, Path]:
+def build_prompt_graphs(root: Path, prefix_lens, supernodes: bool = False) -> tuple[Path, Path, Path]:
     """``(llama, tc, graphs)``: ``build_exported_transcoders`` under ``root``, and PROMPT's
     graphs at ``prefix_lens`` (slug ``france``) in ``root/graphs``.
 
-    Without automatic supernodes: their members come pinned in the graph file, and the
-    viewer tests count the pins a user makes (or plant their own parents).
+    Without automatic supernodes by default: their members come pinned in the graph file,
+    and the viewer tests count the pins a user makes (or plant their own parents).
     """
     from matryoshka_plugin.cli.circuit_tracer import main
 
@@ -203,7 +203,7 @@ def build_prompt_graphs(root: Path, prefix_lens) -> tuple[Path, Path, Path]:
     graphs = root / "graphs"
     main(["attribute", "--model", str(llama), "--transcoder_set", str(tc), "-p", PROMPT,
           "--prefix-len", *map(str, prefix_lens), "--slug", "france", "--graph_file_dir", str(graphs),
-          "--no-supernodes"])
+          *([] if supernodes else ["--no-supernodes"])])
     return llama, tc, graphs
 
 
