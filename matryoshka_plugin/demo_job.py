@@ -247,6 +247,7 @@ def resolve_options(args) -> dict:
             opts[name] = value
     opts["novels"] = opts["novels"] or list(AUSTEN_NOVELS)
     _check_options(opts)
+    opts["device"] = str(resolve_device(opts["device"]))
     return opts
 
 
@@ -266,7 +267,6 @@ def _check_options(o: dict) -> None:
         raise UsageError(f"--layers={layers} must be distinct non-negative layer indices")
     if not o["prompt"].strip():
         raise UsageError("--prompt is empty; give the text to attribute")
-    o["device"] = str(resolve_device(o["device"]))
 
 
 #: Options that do not change what the job computes, so a resumed run may change them.

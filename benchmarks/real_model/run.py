@@ -246,7 +246,8 @@ def run(a) -> dict:
     lm_lens = sorted(set(a.lm_prefix_lens or nested))
     names = a.baselines
     # topk_reordered is made from topk.
-    trained = [n for n in BASELINES if BASELINES[n] is not None and (n in names or n == "topk" and "topk_reordered" in names)]
+    needed = {*names, *(["topk"] if "topk_reordered" in names else [])}
+    trained = [n for n in BASELINES if BASELINES[n] is not None and n in needed]
     n_stages = len(layers) * (len(trained) + 3) + (len(layers) * len(names) + 1 if a.lm_seqs else 0)
     bar = tqdm(total=n_stages, desc="real-model benchmark", file=sys.stderr)
     wall: dict[str, float] = {}
@@ -286,9 +287,7 @@ def run(a) -> dict:
         bar.update()
 
         t = stage(f"L{layer} saelens")
-        if "saelens_matryoshka" not in names:
-            bar.update()
-        else:
+        if "saelens_matryoshka" in names:
             job = dict(seed=a.seed, width=a.width, k=a.k, nested_sizes=nested, batch_size=a.batch_size,
                        epochs=a.epochs, lr=a.lr, lr_warmup_steps=a.lr_warmup_steps,
                        reference_prefix=nested[1], threads=a.threads)
@@ -300,7 +299,7 @@ def run(a) -> dict:
             adapter_checks[str(layer)] = check_adapter(sl, x_ref, ref, job["reference_prefix"])
             coders[layer]["saelens_matryoshka"] = sl
             wall[f"layer{layer}/saelens_matryoshka"] = time.time() - t
-            bar.update()
+        bar.update()
 
         t = stage(f"L{layer} FVU")
         fvu[str(layer)] = {n: prefix_curve(coders[layer][n], x_te, y_te, fvu_lens, rsa_samples=0)

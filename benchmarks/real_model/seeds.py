@@ -26,6 +26,19 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def _at(rows: list[dict], p: int) -> dict:
+    """The row of a per-prefix list at prefix length ``p``."""
+    return next(row for row in rows if row["prefix_len"] == p)
+
+
+def _table(title: str, names: list[str], lens: list[int], value, runs: list[dict]) -> list[str]:
+    """A markdown table, one row per prefix length: ``value(run, name, p)`` over the runs."""
+    lines = [f"## {title}", "", "| P | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for p in lens:
+        lines.append(f"| {p} | " + " | ".join(_cell([value(r, n, p) for r in runs]) for n in names) + " |")
+    return lines
+
+
 def summarize(runs: list[dict]) -> list[str]:
     s = runs[0]["settings"]
     if bad := [k for k in SAME if any(r["settings"].get(k) != s.get(k) for r in runs)]:
@@ -35,25 +48,13 @@ def summarize(runs: list[dict]) -> list[str]:
     lines = ["# Real model, mean ± sd over seeds", "",
              f"Seeds {seeds}; runs of {', '.join(r['date'][:16] for r in runs)} on {runs[0]['machine']}.",
              "Commands:", "", *(f"- `{r['command']}`" for r in runs), ""]
+    lens = s["lm_prefix_lens"]
     for layer in s["layers"]:
-        lens = s["lm_prefix_lens"]
-        lines += [f"## Layer {layer}: held-out FVU", "", "| P | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-        for p in lens:
-            cells = []
-            for n in names:
-                vals = [next(row["fvu"] for row in r["fvu"][str(layer)][n] if row["prefix_len"] == p) for r in runs]
-                cells.append(_cell(vals))
-            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        lines += _table(f"Layer {layer}: held-out FVU", names, lens,
+                        lambda r, n, p: _at(r["fvu"][str(layer)][n], p)["fvu"], runs)
         if all(r["lm"] for r in runs):
-            lines += ["", f"## Layer {layer}: loss recovered (zero ablation)", "",
-                      "| P | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-            for p in lens:
-                cells = []
-                for n in names:
-                    vals = [next(row["loss_recovered"] for row in r["lm"][str(layer)][n]["prefix"] if row["prefix_len"] == p)
-                            for r in runs]
-                    cells.append(_cell(vals))
-                lines.append(f"| {p} | " + " | ".join(cells) + " |")
+            lines += ["", *_table(f"Layer {layer}: loss recovered (zero ablation)", names, lens,
+                                  lambda r, n, p: _at(r["lm"][str(layer)][n]["prefix"], p)["loss_recovered"], runs)]
         lines += ["", "Final nested sizes per seed:", ""]
         for n in names:
             sizes = [r.get("train", {}).get(f"layer{layer}/{n}", {}).get("nested_sizes") for r in runs]
