@@ -1,5 +1,6 @@
-"""Automated interpretability: datasets, scoring against known judges, the HTTP judge
-against a real local server, and matryoshka-eval --autointerp."""
+"""Automated interpretability: datasets, scoring against known judges and explainers, the
+HTTP judge against a real local server, the bundled SmolLM2 judge, and matryoshka-eval
+--autointerp."""
 
 import json
 import random
@@ -18,11 +19,21 @@ from matryoshka_plugin.evaluation.autointerp import (
     autointerp,
     contrast_pairs,
     contrastive_questions,
+    detection_questions,
+    explanation_prompt,
     score,
+    silent_contexts,
     sort_questions,
     top_contexts,
 )
-from matryoshka_plugin.evaluation.explainers import ChatJudge, parse_choice
+from matryoshka_plugin.evaluation.explainers import (
+    EXPLAIN_SYSTEM_PROMPT,
+    EXPLANATION_TOKENS,
+    ChatJudge,
+    LocalJudge,
+    clean_explanation,
+    parse_choice,
+)
 
 from cli_errors import fails_in_one_line
 from tiny import WORDS, build_tiny_llama
@@ -63,8 +74,24 @@ def contrast_oracle(prompt: str, options) -> list[float]:
     return [1.0, 0.0] if word in first.split() else [0.0, 1.0]
 
 
+def explain_oracle(prompt: str) -> str:
+    """The words the shown examples mark, as an explanation."""
+    return "the words " + ", ".join(sorted(marked(prompt)))
+
+
+def detect_oracle(prompt: str, options) -> list[float]:
+    """Yes (A) if the excerpt holds a word the explanation names."""
+    named = set(prompt.split('explained as: "the words ')[1].split('"')[0].split(", "))
+    excerpt = set(prompt.split("Excerpt:\n")[1].split("\n\n")[0].split())
+    return [1.0, 0.0] if named & excerpt else [0.0, 1.0]
+
+
 def uniform(prompt, options):
     return [0.5, 0.5]
+
+
+def always_yes(prompt, options):
+    return [1.0, 0.0]
 
 
 def test_top_contexts_are_the_strongest_one_per_sequence():
@@ -117,6 +144,56 @@ def test_contrastive_eval_perfect_for_an_oracle():
     assert {q.answer for q in questions} == {0, 1}  # the right prompt is not always A
 
 
+def detection(tokens, acts, explain, levels=LEVELS, seed=0, latents_per_level=4):
+    g = torch.Generator().manual_seed(seed)
+    return detection_questions(
+        top_contexts(acts, tokens, 8), top_contexts(acts, tokens, 8, mark=False),
+        lambda latents: silent_contexts(acts, tokens, latents, 4, g), levels, explain,
+        latents_per_level=latents_per_level, examples=4, seed=seed,
+    )
+
+
+def test_silent_contexts_never_hold_the_latent_and_are_deterministic():
+    tokens, acts = synthetic_corpus()
+    draw = lambda: silent_contexts(acts, tokens, [2, 9], 5, torch.Generator().manual_seed(3), window=(4, 2))  # noqa: E731
+    windows = draw()
+    assert windows == draw()
+    for j, texts in windows.items():
+        assert len(texts) == 5 and len(set(texts)) == 5
+        assert all(len(t.split()) == 7 and f"w{j}" not in t.split() and "[[" not in t for t in texts)
+
+
+def test_detection_eval_scores_the_explanation():
+    tokens, acts = synthetic_corpus()
+    questions, explanations = detection(tokens, acts, explain_oracle)
+    assert (questions, explanations) == detection(tokens, acts, explain_oracle)
+    assert [e["explanation"] for e in explanations] == [f"the words w{e['latent']}" for e in explanations]
+    assert {e["level"] for e in explanations} == {0, 1}
+    assert all("[[" not in q.prompt.split("Excerpt:")[1] for q in questions)  # the excerpts are unmarked
+    per_latent = {e["latent"]: [q.answer for q in questions if q.latents == (e["latent"],)] for e in explanations}
+    assert all(sorted(a) == [0] * 4 + [1] * 4 for a in per_latent.values())  # 4 positives, 4 negatives
+    # A right explanation is perfect, a wrong one (another latent's word) is not; a judge
+    # that always says yes, or ignores the question, is at chance.
+    assert [r["accuracy"] for r in score(questions, detect_oracle, LEVELS)] == [1.0, 1.0]
+    wrong, _ = detection(tokens, acts, lambda p: "the words w" + str((int(marked(p).pop()[1:]) + 1) % N_LATENTS))
+    assert all(r["accuracy"] < 0.75 for r in score(wrong, detect_oracle, LEVELS))
+    assert [r["accuracy"] for r in score(questions, always_yes, LEVELS)] == [0.5, 0.5]
+    assert [r["p_correct"] for r in score(questions, uniform, LEVELS)] == [0.5, 0.5]
+
+
+def test_detection_eval_skips_latents_that_fire_everywhere():
+    tokens, acts = synthetic_corpus()
+    acts[:, 0, 1] = 5.0  # latent 1 fires in every sequence: no silent window to ask about
+    _, explanations = detection(tokens, acts, explain_oracle, levels=[4], latents_per_level=4)
+    assert sorted(e["latent"] for e in explanations) == [0, 2, 3]
+
+
+def test_clean_explanation_keeps_the_first_line():
+    assert clean_explanation('\n  Explanation: "the word she"\nBecause ...') == "the word she"
+    assert clean_explanation("`plural nouns`") == "plural nouns"
+    assert clean_explanation("") == ""
+
+
 def test_a_judge_must_answer_every_option():
     tokens, acts = synthetic_corpus()
     questions = sort_questions(top_contexts(acts, tokens, 8), LEVELS)
@@ -141,7 +218,13 @@ class ChatServer(BaseHTTPRequestHandler):
             self.send_error(ChatServer.status)
             return
         prompt = body["messages"][-1]["content"]
-        text = ChatServer.reply or ("The answer is " + "AB"[sort_oracle(prompt, "AB").index(1.0)] + ".")
+        if ChatServer.reply:
+            text = ChatServer.reply
+        elif body["messages"][0]["content"] == EXPLAIN_SYSTEM_PROMPT:
+            text = "Explanation: " + explain_oracle(prompt) + "\nThese words recur."
+        else:
+            oracle = detect_oracle if "Excerpt:" in prompt else sort_oracle
+            text = "The answer is " + "AB"[oracle(prompt, "AB").index(1.0)] + "."
         data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -173,6 +256,17 @@ def test_http_judge_scores_like_its_server(server, monkeypatch):
     path, auth, body = ChatServer.seen[0]
     assert (path, auth, body["model"], body["temperature"]) == ("/v1/chat/completions", "Bearer secret", "oracle", 0)
     assert judge.unparsed == 0
+
+
+def test_http_explainer_and_judge_score_the_detection_eval_like_the_oracles(server):
+    tokens, acts = synthetic_corpus()
+    judge = ChatJudge(server, "oracle")
+    questions, explanations = detection(tokens, acts, judge.explain)
+    assert explanations == detection(tokens, acts, explain_oracle)[1]  # the reply's first line, label cut
+    assert [r["accuracy"] for r in score(questions, judge, LEVELS)] == [1.0, 1.0]
+    explain_bodies = [b for _, _, b in ChatServer.seen if b["messages"][0]["content"] == EXPLAIN_SYSTEM_PROMPT]
+    assert len(explain_bodies) == len(explanations)
+    assert all(b["max_tokens"] == EXPLANATION_TOKENS and b["temperature"] == 0 for b in explain_bodies)
 
 
 def test_http_judge_unparsed_reply_is_uniform_and_counted(server):
@@ -224,13 +318,19 @@ def test_autointerp_on_a_model_is_deterministic(tiny_setup):
     model, tok = load_pretrained(llama), load_tokenizer(llama)
     texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
     run = lambda judge: autointerp(model, tok, coder, 0, texts, judge, n_tokens=1024, seq_len=16,  # noqa: E731
-                                   n_pairs=8, contrast_words={"big": "small", "red": "blue"})
+                                   n_pairs=8, contrast_words={"big": "small", "red": "blue"},
+                                   explainer=lambda prompt: "colours")
     a, b = run(uniform), run(uniform)
     assert a == b
     assert [(r["start"], r["end"]) for r in a["sort_eval"]] == [(0, 4), (4, 16)]
     assert a["settings"]["contrast_pairs"] == 4  # one per text: each text is one sentence
-    asked = [r for r in a["sort_eval"] + a["contrastive_eval"] if r["n_questions"]]
+    asked = [r for r in a["sort_eval"] + a["contrastive_eval"] + a["detection_eval"] if r["n_questions"]]
     assert asked and all(r["accuracy"] == 0.5 for r in asked)
+    assert a["explanations"] and {e["explanation"] for e in a["explanations"]} == {"colours"}
+    yes = run(always_yes)["detection_eval"]
+    assert [r["accuracy"] for r in yes if r["n_questions"]] == [0.5] * sum(1 for r in yes if r["n_questions"])
+    with pytest.raises(UsageError, match="cannot explain latents; pass explainer="):
+        autointerp(model, tok, coder, 0, texts, uniform, n_tokens=1024, seq_len=16)
 
 
 def test_cli_writes_the_autointerp_section(tiny_setup, server, tmp_path):
@@ -243,7 +343,19 @@ def test_cli_writes_the_autointerp_section(tiny_setup, server, tmp_path):
     section = json.loads(out.read_text())["autointerp"]
     assert section["judge"] == server
     assert [(r["start"], r["end"]) for r in section["sort_eval"]] == [(0, 4), (4, 16)]
-    assert ChatServer.seen  # the endpoint was asked
+    assert [(r["start"], r["end"]) for r in section["detection_eval"]] == [(0, 4), (4, 16)]
+    assert section["explanations"] and all(e["explanation"].startswith("the words ") for e in section["explanations"])
+    assert any(b["messages"][0]["content"] == EXPLAIN_SYSTEM_PROMPT for _, _, b in ChatServer.seen)
+
+
+def test_local_judge_answers_and_explains_with_the_bundled_smollm2():
+    judge = LocalJudge()
+    probs = judge("Which letter comes first in the alphabet? A: A, B: B. Answer A or B.", ["A", "B"])
+    assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-5
+    prompt = explanation_prompt(["She was very [[happy]] to see him", "a [[happy]] day", "so [[happy]] and gay"])
+    explanation = judge.explain(prompt)
+    assert explanation == judge.explain(prompt)  # greedy decoding
+    assert explanation and "\n" not in explanation and len(explanation) < 400
 
 
 @pytest.mark.parametrize("extra, match", [

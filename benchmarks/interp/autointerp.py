@@ -1,5 +1,6 @@
-"""Automated interpretability of saved coders, offline: Sort Eval and Contrastive Eval per
-nested level with SmolLM2-135M-Instruct as judge (issue #19, item 3).
+"""Automated interpretability of saved coders, offline: Sort Eval, Contrastive Eval and
+Detection Eval (explain, then detect) per nested level with SmolLM2-135M-Instruct as judge
+and explainer (issue #19, item 3).
 
 SmolLM2 is a weak stand-in for the large judges these evaluations were designed for: its
 scores measure the pipeline end to end more than the dictionaries. The uniform judge's row
@@ -57,7 +58,7 @@ def markdown(result: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for name, section in result["coders"].items():
-        for kind in ("sort_eval", "contrastive_eval"):
+        for kind in ("sort_eval", "contrastive_eval", "detection_eval"):
             for row in section[kind]:
                 acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
                 p = "-" if row["p_correct"] is None else f"{row['p_correct']:.2f}"
@@ -68,6 +69,12 @@ def markdown(result: dict) -> list[str]:
         lines.append(f"- {name}: `{section['checkpoint']}`, {s['n_tokens']} corpus tokens, {s['latents_per_level']} "
                      f"latents per level, {s['examples']} examples shown, {s['contrast_pairs']} prompt pairs, "
                      f"{section['seconds']} s.")
+    lines += ["", "Explanations the Detection Eval scored:", "", "| coder | level | latent | explanation |",
+              "|---|---|---|---|"]
+    for name, section in result["coders"].items():
+        for e in section["explanations"]:
+            text = e["explanation"].replace("|", "\\|")
+            lines.append(f"| {name} | {e['level']} | {e['latent']} | {text} |")
     return lines
 
 
@@ -78,7 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--levels", type=lambda s: [int(t) for t in s.split(",")], default=None,
                    help="level ends (default: the first coder's nested sizes, for every coder)")
     p.add_argument("--tokens", type=int, default=4096, help="corpus tokens scanned for top contexts")
-    p.add_argument("--latents", type=int, default=2, help="Sort Eval latents per level")
+    p.add_argument("--latents", type=int, default=2, help="Sort Eval and Detection Eval latents per level")
     p.add_argument("--examples", type=int, default=3, help="contexts shown (and held out) per latent")
     p.add_argument("--pairs", type=int, default=8, help="Contrastive Eval prompt pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents drawn and the option order")

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a sparsify or Matryoshka coder as a progressive coder: "
         "FVU/MSE/RSA per prefix, L0, dead/dense latents, frequency per level, "
         "dictionary power law; optionally loss recovered/KL in a language model, meta-SAE "
-        "composition (--meta-sae) and LLM-judged Sort/Contrastive Eval (--autointerp).",
+        "composition (--meta-sae) and LLM-judged Sort/Contrastive/Detection Eval (--autointerp).",
     )
     p.add_argument("checkpoint", type=Path, help="coder directory (cfg.json + sae.safetensors) or a run directory")
     p.add_argument("--data", type=Path, required=True, help="held-out activations: safetensors with 'inputs' (and 'targets' for transcoders)")
@@ -54,21 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-steps", type=int, default=META_STEPS, help="meta-SAE full-batch Adam steps (default %(default)s)")
     p.add_argument("--meta-seed", type=int, default=0, help="meta-SAE initialisation seed")
     p.add_argument("--autointerp", action="store_true",
-                   help="score latents per level with Sort Eval and Contrastive Eval, judged by an LLM "
-                   "(JSON 'autointerp')")
+                   help="score latents per level with Sort Eval, Contrastive Eval and Detection Eval "
+                   "(explain, then detect), judged and explained by an LLM (JSON 'autointerp')")
     p.add_argument("--autointerp-model", default=SMOLLM2,
                    help="language model whose MLP input the coder reads (default %(default)s)")
     p.add_argument("--autointerp-corpus", type=Path,
                    help="folder of .txt files for contexts and prompt pairs (default: held-out Austen)")
-    p.add_argument("--autointerp-latents", type=int, default=4, help="Sort Eval latents per level, paired two by two (default %(default)s)")
+    p.add_argument("--autointerp-latents", type=int, default=4,
+                   help="Sort Eval latents per level, paired two by two, and Detection Eval latents per level "
+                   "(default %(default)s)")
     p.add_argument("--autointerp-tokens", type=int, default=8192, help="corpus tokens scanned for top contexts (default %(default)s)")
     p.add_argument("--autointerp-pairs", type=int, default=24, help="Contrastive Eval prompt pairs (default %(default)s)")
     p.add_argument("--autointerp-seed", type=int, default=0, help="seed of the latents drawn and the option order")
     p.add_argument("--explainer-url",
-                   help="OpenAI-compatible API base URL of the judge, e.g. https://api.openai.com/v1 "
+                   help="OpenAI-compatible API base URL of the judge and explainer, e.g. https://api.openai.com/v1 "
                    "(default: the local --explainer-model)")
     p.add_argument("--explainer-model", default=SMOLLM2,
-                   help="judge model: the endpoint's model name with --explainer-url, else a local model "
+                   help="judge and explainer model: the endpoint's model name with --explainer-url, else a local model "
                    "(default %(default)s, a weak stand-in)")
     p.add_argument("--explainer-api-key-env", default=DEFAULT_API_KEY_ENV,
                    help="environment variable holding the endpoint's API key (default %(default)s)")
@@ -153,7 +155,7 @@ def _autointerp(args: argparse.Namespace, prefix_lens: list[int] | None, judge) 
         n_pairs=args.autointerp_pairs, seed=args.autointerp_seed,
     )
     section["judge"] = args.explainer_url or args.explainer_model
-    for kind in ("sort_eval", "contrastive_eval"):
+    for kind in ("sort_eval", "contrastive_eval", "detection_eval"):
         cells = ", ".join(f"{r['start']}-{r['end']}: " + ("-" if r["accuracy"] is None else f"{r['accuracy']:.2f}")
                           for r in section[kind])
         print(f"{kind} accuracy per level (chance 0.5): {cells}")

@@ -1,5 +1,6 @@
 """Automated interpretability per nested level: Sort Eval and Contrastive Eval (seed 001,
-after Anthropic's circuit-tracing paper) with a pluggable LLM judge (``explainers``).
+after Anthropic's circuit-tracing paper) and Detection Eval (seed 000's LLM explanation
+scoring), with a pluggable LLM judge and explainer (``explainers``).
 
 - **Sort Eval**: two latents of one level are shown to the judge by their top-activating
   corpus contexts (every other rank; the activating token marked ``[[like this]]``); the
@@ -11,8 +12,17 @@ after Anthropic's circuit-tracing paper) with a pluggable LLM judge (``explainer
   first differing token on) differs most between the two prompts is shown to the judge by
   its top contexts, with both prompts; the judge names the prompt it fires on more.
   Score: probability of naming the right prompt (chance 0.5).
+- **Detection Eval** (explain, then detect; as SAEBench's autointerp and delphi's
+  detection scorer): the explainer writes a one-line explanation of a latent from its
+  top contexts (the even ranks, marked); the judge is then shown, one at a time and
+  unmarked, the latent's held-out top contexts (the odd ranks) and as many windows of
+  corpus text where it never fires, and asked whether the explained feature fires on
+  each (A yes, B no). Score: how often it is right, positives and negatives balanced
+  (chance 0.5). Good explanations of well-defined latents score high. The explanations
+  are returned with the scores so they can be read. The positives are top contexts only,
+  which makes this easier than SAEBench's, whose positives also sample weaker activations.
 
-Both report ``accuracy`` (ties split) and ``p_correct`` (mean probability on the right
+All three report ``accuracy`` (ties split) and ``p_correct`` (mean probability on the right
 answer) per level, a level being the latents between two consecutive nested sizes.
 
 EleutherAI delphi (``eai-delphi``) has scorers of this kind, but its ``delphi.clients``
@@ -36,11 +46,14 @@ from ..core.errors import UsageError
 from ..corpus import corpus_chunks
 from ..hooks import capture_mlps
 from ..toy import dense_codes
-from .explainers import Judge
+from .explainers import Explainer, Judge
 from .latent_stats import _level_bounds
 
 MARK = "[[{}]]"
 """How the activating token is marked in a context shown to the judge."""
+
+WINDOW = (12, 3)
+"""Tokens before and after the activating one in a context."""
 
 CONTRAST_WORDS = {
     "he": "she", "his": "her", "him": "her", "Mr.": "Mrs.", "sister": "brother",
@@ -66,21 +79,23 @@ class Question:
 # -- contexts -------------------------------------------------------------------------------
 
 
-def render_context(tokens: Sequence[str], position: int) -> str:
-    """The tokens joined as text, the one at ``position`` marked."""
+def render_context(tokens: Sequence[str], position: int | None) -> str:
+    """The tokens joined as text, the one at ``position`` marked (none if None)."""
     parts = list(tokens)
-    parts[position] = MARK.format(parts[position])
+    if position is not None:
+        parts[position] = MARK.format(parts[position])
     return "".join(parts).replace("\n", " ").strip()
 
 
 def top_contexts(
-    acts: Tensor, tokens: Sequence[Sequence[str]], n: int, window: tuple[int, int] = (12, 3)
+    acts: Tensor, tokens: Sequence[Sequence[str]], n: int, window: tuple[int, int] = WINDOW, *, mark: bool = True
 ) -> list[list[str]]:
     """Each latent's ``n`` top contexts, one per sequence at most, strongest first.
 
     ``acts``: ``[sequences, positions, latents]`` activations; ``tokens``: each sequence's
     token strings. A context is ``window`` tokens before and after the activating one,
-    rendered by ``render_context``; a latent gets only contexts where it is positive.
+    rendered by ``render_context`` (the activating token marked if ``mark``); a latent
+    gets only contexts where it is positive.
     """
     best, where = acts.max(dim=1)  # [sequences, latents]: one context per sequence
     k = min(n, acts.shape[0])
@@ -94,8 +109,28 @@ def top_contexts(
                 break
             p = int(where[s, j])
             lo = max(0, p - before)
-            contexts.append(render_context(tokens[s][lo : p + after + 1], p - lo))
+            contexts.append(render_context(tokens[s][lo : p + after + 1], p - lo if mark else None))
         out.append(contexts)
+    return out
+
+
+def silent_contexts(
+    acts: Tensor, tokens: Sequence[Sequence[str]], latents: Sequence[int], n: int, g: torch.Generator,
+    window: tuple[int, int] = WINDOW,
+) -> dict[int, list[str]]:
+    """Per latent of ``latents``: up to ``n`` unmarked windows, as long as a top context, of
+    distinct sequences where it never fires, drawn with ``g`` (sequence and position)."""
+    length = sum(window) + 1
+    quiet = acts.max(dim=1).values <= 0  # [sequences, latents]
+    out = {}
+    for j in latents:
+        seqs = quiet[:, j].nonzero().flatten()
+        drawn = seqs[torch.randperm(len(seqs), generator=g)[:n]].tolist()
+        windows = []
+        for s in drawn:
+            lo = int(torch.randint(0, max(1, len(tokens[s]) - length + 1), (1,), generator=g))
+            windows.append(render_context(tokens[s][lo : lo + length], None))
+        out[j] = windows
     return out
 
 
@@ -217,6 +252,52 @@ def contrastive_questions(
     return questions
 
 
+# -- Detection Eval -------------------------------------------------------------------------
+
+
+def explanation_prompt(contexts: Sequence[str]) -> str:
+    """What the explainer is asked about a latent, given its marked top contexts."""
+    return (
+        "A feature of a language model fires most on these text excerpts; the token where it "
+        f"fires is marked [[like this]].\n\n{_examples(contexts)}\n\n"
+        "In a few words, what does this feature detect? Reply with the explanation only."
+    )
+
+
+def detection_questions(
+    contexts: list[list[str]], plain: list[list[str]], silent: Callable[[list[int]], dict[int, list[str]]],
+    levels: Sequence[int], explain: Explainer, *, latents_per_level: int = 4, examples: int = 4, seed: int = 0,
+) -> tuple[list[Question], list[dict]]:
+    """Detection Eval questions, and the explanations they test.
+
+    Per level, up to ``latents_per_level`` latents with ``2 * examples`` top contexts
+    (``contexts`` marked, ``plain`` the same unmarked) are explained from the even ranks;
+    each is asked about on its ``examples`` held-out odd ranks (answer A, yes) and on
+    ``examples`` of ``silent(latents)``'s windows where it never fires (answer B, no). A
+    latent with fewer silent windows than that (it fires in nearly every sequence) is
+    not asked about.
+    """
+    g = torch.Generator().manual_seed(seed)
+    questions, explanations = [], []
+    for level, (start, end) in enumerate(level_bounds(levels)):
+        chosen = pick_latents(contexts, start, end, latents_per_level, 2 * examples, g)
+        negatives = silent(chosen)
+        for j in chosen:
+            if len(negatives[j]) < examples:
+                continue
+            explanation = explain(explanation_prompt(contexts[j][0 : 2 * examples : 2]))
+            explanations.append({"level": level, "latent": j, "explanation": explanation})
+            shown = [(c, 0) for c in plain[j][1 : 2 * examples : 2]] + [(c, 1) for c in negatives[j][:examples]]
+            for excerpt, answer in shown:
+                prompt = (
+                    f'A feature of a language model is explained as: "{explanation}"\n\n'
+                    f"Excerpt:\n{excerpt}\n\n"
+                    "Does this feature fire on some token of this excerpt? Answer A for yes or B for no."
+                )
+                questions.append(Question("detection", level, prompt, answer, (j,)))
+    return questions, explanations
+
+
 # -- scoring --------------------------------------------------------------------------------
 
 
@@ -247,14 +328,16 @@ def score(questions: Sequence[Question], judge: Judge, levels: Sequence[int]) ->
 @torch.no_grad()
 def autointerp(
     model, tokenizer, coder, layer: int, texts: Sequence[str], judge: Judge,
-    levels: Sequence[int] | None = None, *,
+    levels: Sequence[int] | None = None, *, explainer: Explainer | None = None,
     n_tokens: int = 8192, seq_len: int = 64, latents_per_level: int = 4, examples: int = 4,
     n_pairs: int = 24, seed: int = 0, contrast_words: dict[str, str] = CONTRAST_WORDS,
 ) -> dict:
-    """Sort Eval and Contrastive Eval of ``coder`` (reading the MLP input of ``layer`` of
-    ``model``) on ``texts``, judged by ``judge``, per level.
+    """Sort Eval, Contrastive Eval and Detection Eval of ``coder`` (reading the MLP input
+    of ``layer`` of ``model``) on ``texts``, judged by ``judge``, per level.
 
-    ``levels`` default to the coder's nested sizes. Top contexts come from the first
+    ``explainer`` writes the Detection Eval's explanations; by default ``judge.explain``
+    (both bundled backends have one). ``levels`` default to the coder's nested sizes.
+    Top contexts come from the first
     ``n_tokens`` tokens of ``texts`` (``seq_len``-token chunks, BOS first, BOS positions
     ignored); the contrastive pairs from the first ``n_pairs`` sentences with a
     ``contrast_words`` word. The coder runs on the CPU.
@@ -264,6 +347,9 @@ def autointerp(
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "latents_per_level" else 1):
             low = 2 if name == "latents_per_level" else 1
             raise UsageError(f"{name}={value!r} is not allowed; expected an integer >= {low}")
+    explain = explainer or getattr(judge, "explain", None)
+    if not callable(explain):
+        raise UsageError(f"the judge {judge!r} cannot explain latents; pass explainer=, a callable prompt -> text")
     coder = coder.cpu()
     bounds = _level_bounds(coder, levels)
     chunks = corpus_chunks(tokenizer, texts, n_tokens, seq_len)
@@ -279,6 +365,7 @@ def autointerp(
         acts = torch.stack([encode(c) for c in chunks])
         tokens = [[tokenizer.decode([int(t)]) for t in c] for c in chunks]
         contexts = top_contexts(acts, tokens, 2 * examples)
+        plain = top_contexts(acts, tokens, 2 * examples, mark=False)
 
         def prompt_activations(text: str) -> tuple[Tensor, Tensor]:
             ids = torch.tensor(bos + tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -287,11 +374,18 @@ def autointerp(
         pairs = contrast_pairs(texts, n_pairs, words=contrast_words)
         contrastive = contrastive_questions(pairs, prompt_activations, contexts, bounds, examples=examples, seed=seed)
     sort = sort_questions(contexts, bounds, latents_per_level=latents_per_level, examples=examples, seed=seed)
+    silent_g = torch.Generator().manual_seed(seed)
+    detection, explanations = detection_questions(
+        contexts, plain, lambda latents: silent_contexts(acts, tokens, latents, examples, silent_g), bounds, explain,
+        latents_per_level=latents_per_level, examples=examples, seed=seed,
+    )
     return {
         "settings": {"n_tokens": len(chunks) * seq_len, "latents_per_level": latents_per_level,
                      "examples": examples, "contrast_pairs": len(pairs), "seed": seed, "levels": bounds},
         "sort_eval": score(sort, judge, bounds),
         "contrastive_eval": score(contrastive, judge, bounds),
+        "detection_eval": score(detection, judge, bounds),
+        "explanations": explanations,
         "judge_unparsed_answers": getattr(judge, "unparsed", None),
         "chance": 1 / len(OPTIONS),
     }
