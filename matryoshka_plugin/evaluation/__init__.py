@@ -19,9 +19,10 @@ activation, as in ``core.truncation.truncate_sparse``.
   to torch: ``probe_data`` once per model, ``absorption_eval`` per coder.
 - ``meta_sae``: meta-SAE composition (``coder_meta_sae``): a small TopK coder trained on
   the unit decoder rows; its FVU per level (higher = more disentangled latents).
-- ``autointerp``: Sort Eval and Contrastive Eval per level (``autointerp``), judged by an
-  ``explainers`` backend: an OpenAI-compatible endpoint (``ChatJudge``) or a local LM
-  (``LocalJudge``, SmolLM2 by default: a weak stand-in).
+- ``autointerp``: Sort Eval, Contrastive Eval and Detection Eval (explain, then detect)
+  per level (``autointerp``), judged and explained by an ``explainers`` backend: an
+  OpenAI-compatible endpoint (``ChatJudge``) or a local LM (``LocalJudge``, SmolLM2 by
+  default: a weak stand-in).
 - ``checkpoint``: the same for a saved coder and held-out files (``matryoshka-eval``,
   whose flags live in ``cli.eval``).
 - ``graph_paths``: path length of an attribution graph (influence-weighted steps from the
