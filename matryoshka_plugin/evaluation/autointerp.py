@@ -28,7 +28,8 @@ answer) per level, a level being the latents between two consecutive nested size
 EleutherAI delphi (``eai-delphi``) has scorers of this kind, but its ``delphi.clients``
 imports vllm unconditionally (every scorer and explainer imports it) and
 ``delphi.latents`` imports faiss, so it cannot be imported on a CPU machine without
-vllm; these two evaluations are re-implemented here (they are not delphi's scorers).
+vllm; these evaluations are re-implemented here (the Detection Eval follows delphi's
+detection scorer, the other two are not delphi's).
 
 Datasets are deterministic under ``seed``: latents are drawn with a seeded generator
 among those with enough activating contexts, and which latent (prompt) is option A is a
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..core.errors import UsageError
 from ..corpus import corpus_chunks
@@ -306,7 +308,8 @@ def score(questions: Sequence[Question], judge: Judge, levels: Sequence[int]) ->
     the right answer; None where a level has no question."""
     per_level = [{"start": s, "end": e, "n_questions": 0, "accuracy": 0.0, "p_correct": 0.0}
                  for s, e in level_bounds(levels)]
-    for q in questions:
+    kind = questions[0].kind if questions else ""
+    for q in tqdm(questions, desc=f"{kind} questions", leave=False, disable=len(questions) < 8):
         probs = [float(p) for p in judge(q.prompt, OPTIONS)]
         if len(probs) != len(OPTIONS):
             raise UsageError(f"the judge gave {len(probs)} probabilities for {len(OPTIONS)} options")
