@@ -163,6 +163,23 @@ def test_silent_contexts_never_hold_the_latent_and_are_deterministic():
         assert all(len(t.split()) == 7 and f"w{j}" not in t.split() and "[[" not in t for t in texts)
 
 
+def test_unmarked_top_contexts_are_as_long_as_silent_windows():
+    tokens, acts = synthetic_corpus(seq_len=12)
+    acts[:, :, 5] = 0
+    acts[:4, 0, 5] = 9.0  # latent 5's strongest activations sit on the first token
+    acts[4:8, 11, 5] = 8.0  # and then on the last
+    marked_ctx = top_contexts(acts, tokens, 8, window=(4, 2))
+    plain = top_contexts(acts, tokens, 8, window=(4, 2), mark=False)
+    words = lambda c: c.replace("[[", " ").replace("]]", "").split()  # noqa: E731
+    assert [len(words(c)) for c in marked_ctx[5]] == [3] * 4 + [5] * 4  # cut at the sequence's ends
+    assert all(len(words(c)) == 7 for ctx in plain for c in ctx)  # the silent windows' length
+    # Shifted, not other text: they start at their sequence's first token.
+    assert sorted(c.split()[0] for c in plain[5][:4]) == sorted(tokens[s][0].strip() for s in range(4))
+    # Away from the ends the two are the same text, marks aside.
+    middle = [(m, u) for ctx_m, ctx_u in zip(marked_ctx, plain) for m, u in zip(ctx_m, ctx_u) if len(words(m)) == 7]
+    assert middle and all(m.replace("[[", "").replace("]]", "") == u for m, u in middle)
+
+
 def test_detection_eval_scores_the_explanation():
     tokens, acts = synthetic_corpus()
     questions, explanations = detection(tokens, acts, explain_oracle)

@@ -97,12 +97,15 @@ def top_contexts(
     ``acts``: ``[sequences, positions, latents]`` activations; ``tokens``: each sequence's
     token strings. A context is ``window`` tokens before and after the activating one,
     rendered by ``render_context`` (the activating token marked if ``mark``); a latent
-    gets only contexts where it is positive.
+    gets only contexts where it is positive. Unmarked contexts keep the whole window's
+    length near a sequence's ends (shifted inwards), as ``silent_contexts`` windows do:
+    the Detection Eval shows both unmarked, and a shorter positive would give it away.
     """
     best, where = acts.max(dim=1)  # [sequences, latents]: one context per sequence
     k = min(n, acts.shape[0])
     values, seqs = best.topk(k, dim=0)  # [k, latents]
     before, after = window
+    length = before + after + 1
     out = []
     for j in range(acts.shape[2]):
         contexts = []
@@ -110,8 +113,12 @@ def top_contexts(
             if v <= 0:
                 break
             p = int(where[s, j])
-            lo = max(0, p - before)
-            contexts.append(render_context(tokens[s][lo : p + after + 1], p - lo if mark else None))
+            if mark:
+                lo, hi = max(0, p - before), p + after + 1
+            else:
+                lo = max(0, min(p - before, len(tokens[s]) - length))
+                hi = lo + length
+            contexts.append(render_context(tokens[s][lo:hi], p - lo if mark else None))
         out.append(contexts)
     return out
 
