@@ -153,8 +153,9 @@ class LocalJudge:
     @torch.no_grad()
     def explain(self, prompt: str) -> str:
         ids = self._chat_ids(EXPLAIN_SYSTEM_PROMPT, prompt)
+        pad = self.tokenizer.pad_token_id
         out = self.lm.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=EXPLANATION_TOKENS, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,  # a pad id of 0 is a real id
         )
         return clean_explanation(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
