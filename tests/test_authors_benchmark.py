@@ -7,6 +7,7 @@ $MATRYOSHKA_AUTHORS_DIR holds ``matryoshka_sae`` (bartbussmann/matryoshka_sae) a
 
 import json
 import os
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.authors import run as R
+from benchmarks.quality.bussmann_gap import lever_trainer
 from matryoshka_plugin import MatryoshkaSparseCoderConfig
 from matryoshka_plugin import fit as fit_module
 from matryoshka_plugin.fit import fit_activations
@@ -184,3 +186,26 @@ def test_nabeshima_permutation_leaves_adam_state_behind():
     assert all("state" not in g for g in sae.optimizer.param_groups)
     # Adam updated its moment in place; a permutation would have put a new tensor there.
     assert sae.optimizer.state[sae.W_enc]["exp_avg"] is moments
+
+
+def test_bussmann_gap_levers_take_effect():
+    """Each of Bussmann's differences is really switched on in the trainer it builds:
+    a frozen zero encoder bias, a constant learning rate, Adam beta2 0.99."""
+    built = []
+
+    class Recording(lever_trainer(("no_encoder_bias", "constant_lr", "beta2_099"))):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    cfg = MatryoshkaSparseCoderConfig(num_latents=32, k=4, matryoshka=True)
+    with mock.patch.object(fit_module, "MatryoshkaTrainer", Recording):
+        coder = fit_activations(x, cfg, batch_size=128, epochs=2, optimizer="adam", lr=1e-2,
+                                lr_warmup_steps=0)
+    (trainer,) = built
+    assert torch.count_nonzero(coder.encoder.bias) == 0
+    assert coder.W_dec.abs().sum() > 0
+    (adam,) = trainer.optimizers
+    assert all(g["betas"][1] == 0.99 for g in adam.param_groups)
+    assert all(g["lr"] == pytest.approx(1e-2) for g in adam.param_groups), "lr decayed"
