@@ -307,15 +307,18 @@ def nabeshima_adapter(sae, x_check: Tensor) -> tuple[SaeLensJumpReLU, float]:
     return coder, diff
 
 
-def train_plugin(name: str, x: Tensor, budget: Budget, suite: Suite, seed: int):
+def train_plugin(name: str, x: Tensor, budget: Budget, suite: Suite, seed: int, **train_kwargs):
+    """The plugin row ``name`` trained on the suite's budget; ``train_kwargs`` replace the
+    shared ``TrainConfig`` settings (optimizer, lr, warm-up)."""
     fields = dict(PLUGIN_ROWS[name])
     if fields.get("nested_sizes") == "width":
         fields["nested_sizes"] = [suite.width]
     cfg = MatryoshkaSparseCoderConfig(num_latents=suite.width, k=suite.k, **fields)
+    shared = dict(optimizer="adam", lr=suite.lr, lr_warmup_steps=warmup_steps(budget.steps))
     started = time.perf_counter()
     coder = fit_activations(
         x[: budget.rows], cfg, batch_size=suite.batch_size, epochs=budget.epochs, seed=seed,
-        optimizer="adam", lr=suite.lr, lr_warmup_steps=warmup_steps(budget.steps),
+        **(shared | train_kwargs),
     )
     return coder, time.perf_counter() - started
 

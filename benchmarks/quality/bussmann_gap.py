@@ -26,29 +26,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 import matryoshka_plugin.fit as fit_module
-from benchmarks.authors.run import default_suite, measure, plan_budget, suite_data, warmup_steps
+from benchmarks.authors.run import default_suite, measure, plan_budget, suite_data, train_plugin, warmup_steps
 from benchmarks.common import provenance
 from benchmarks.toy.run import summarise
-from matryoshka_plugin import MatryoshkaSparseCoderConfig
-from matryoshka_plugin.fit import fit_activations
 from matryoshka_plugin.adapters.sparsify import MatryoshkaTrainer
 
 HERE = Path(__file__).resolve().parent
 LEVERS = ("no_encoder_bias", "constant_lr", "beta2_099", "auxk")
 VARIANTS = {"plugin": (), **{lever: (lever,) for lever in LEVERS}, "all_four": LEVERS}
-# coder -> (plugin fields, baseline it is compared with)
+# coder -> (its row in benchmarks.authors, the baseline it is compared with)
 CODERS = {
-    "matryoshka_batch_topk": (dict(matryoshka=True, batch_topk=True, bias_level=True), "batch_topk"),
-    "batch_topk": (dict(matryoshka=True, batch_topk=True), None),
-    "matryoshka_topk": (dict(matryoshka=True), "topk"),
-    "topk": (dict(matryoshka=False), None),
+    "matryoshka_batch_topk": ("matryoshka_bussmann_like", "batch_topk"),
+    "batch_topk": ("batch_topk", None),
+    "matryoshka_topk": ("matryoshka_fixed", "topk"),
+    "topk": ("topk", None),
 }
 DEAD_AFTER_BATCHES = 20  # Bussmann's n_batches_to_dead
 AUX_PENALTY = 1 / 32  # Bussmann's aux_penalty
@@ -74,25 +71,15 @@ def lever_trainer(levers: tuple[str, ...]) -> type[MatryoshkaTrainer]:
     return LeverTrainer
 
 
-@contextmanager
-def levers_on(levers: tuple[str, ...]):
-    with mock.patch.object(fit_module, "MatryoshkaTrainer", lever_trainer(levers)):
-        yield
-
-
 def train(coder: str, levers: tuple[str, ...], x, budget, suite, seed: int):
-    fields = dict(CODERS[coder][0])
-    if coder == "batch_topk":
-        fields["nested_sizes"] = [suite.width]
-    cfg = MatryoshkaSparseCoderConfig(num_latents=suite.width, k=suite.k, **fields)
-    kwargs = dict(optimizer="adam", lr=suite.lr, lr_warmup_steps=warmup_steps(budget.steps))
+    kwargs = {}
     if "constant_lr" in levers:
         kwargs["lr_warmup_steps"] = 0
     if "auxk" in levers:
         kwargs.update(auxk_alpha=AUX_PENALTY, dead_feature_threshold=DEAD_AFTER_BATCHES * suite.batch_size)
-    with levers_on(levers):
-        return fit_activations(x[: budget.rows], cfg, batch_size=suite.batch_size,
-                               epochs=budget.epochs, seed=seed, **kwargs)
+    with mock.patch.object(fit_module, "MatryoshkaTrainer", lever_trainer(levers)):
+        trained, _ = train_plugin(CODERS[coder][0], x, budget, suite, seed, **kwargs)
+    return trained
 
 
 def run(seeds: list[int], coders: list[str], variants: list[str]) -> dict:
@@ -146,12 +133,14 @@ def main(argv=None) -> int:
     p.add_argument("--coders", type=lambda s: s.split(","), default=list(CODERS))
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--out", type=Path, default=HERE / "bussmann_gap")
-    p.add_argument("--report", nargs="*", type=Path, metavar="JSON",
+    p.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                    help="merge these result files into OUT.md instead of training")
     args = p.parse_args(argv)
     for name, allowed in (("coders", CODERS), ("variants", VARIANTS)):
         if bad := [v for v in getattr(args, name) if v not in allowed]:
             p.error(f"--{name} {bad[0]!r} is unknown; allowed: {', '.join(allowed)}")
+    if missing := [f for f in args.report or [] if not f.is_file()]:
+        p.error(f"--report {str(missing[0])!r} is not a file; expected a JSON this script wrote")
     torch.set_num_threads(1)
     if args.report is None:
         result = run(args.seeds, args.coders, args.variants)
